@@ -1,0 +1,1 @@
+"""qwen3asr_train."""
