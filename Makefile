@@ -1,0 +1,58 @@
+# qwen3asr_train — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: help install sysdeps test test-slow test-all test-gpu lint format demo clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) sysdeps ## create .venv and install the package with its pinned dependencies
+
+sysdeps: ## install espeak-ng (synthetic speech for the demo and aligner corpus) if missing
+	@if ! ldconfig -p 2>/dev/null | grep -q libespeak-ng.so.1; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing espeak-ng"; \
+	    ( $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq >/dev/null && \
+	      $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq espeak-ng libespeak-ng1 >/dev/null ) || \
+	      echo "warning: could not install espeak-ng; synthetic-speech tests will skip and make demo will fail"; \
+	  else echo "espeak-ng not found and no apt-get: install espeak-ng yourself (needed by make demo)"; fi; \
+	fi
+
+test: install ## fast offline CPU tests (the CI command)
+	$(PY) -m pytest -q -m "not slow and not gpu and not integration"
+
+test-slow: install ## longer CPU checks: learning tests, multi-process runs
+	$(PY) -m pytest -q -m "slow and not gpu"
+
+test-all: install ## every CPU test
+	$(PY) -m pytest -q -m "not gpu and not integration"
+
+test-gpu: install ## GPU-only tests (needs CUDA)
+	$(PY) -m pytest -q -m gpu
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check qwen3asr_train tests data_tools
+	$(VENV)/bin/ruff format --check qwen3asr_train tests data_tools
+
+format: install ## apply ruff formatting
+	$(VENV)/bin/ruff format qwen3asr_train tests data_tools
+	$(VENV)/bin/ruff check --fix qwen3asr_train tests data_tools
+
+demo: install ## offline demo: synthetic speech -> tiny model SFT -> held-out WER before/after -> export
+	bash recipes/demo_sft/run.sh
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf outputs exp .pytest_cache .ruff_cache

@@ -1,0 +1,199 @@
+"""SFT batches: prompt/target token ids built by position, audio features, and labels.
+
+Batch schema (one micro-batch; ``B`` rows, ``L`` tokens, ``T`` mel frames, a multiple of 100)::
+
+    input_ids             (B, L)      long   prompt + target, audio pad expanded, padded with the pad id
+    attention_mask        (B, L)      long   1 on real tokens
+    labels                (B, L)      long   target ids at target positions, -100 on prompt/audio/padding
+                                             (aligned with input_ids; the loss shifts by one)
+    input_features        (B, 128, T) float  log-mel (per-utterance max normalisation, as upstream)
+    input_features_mask   (B, T)      long   1 on valid frames
+    num_target_tokens     int                labelled tokens in this micro-batch
+    window_target_tokens  int                labelled tokens in the whole accumulation window
+    position              (epoch, micro index within the rank's epoch)
+
+Why build ids by position: the prompt is tokenised alone (exactly what inference feeds the model), the
+target alone (how the model must write it), and the labels are the target's positions by construction.
+This cannot mask the wrong tokens when rows are padded on either side — the upstream recipe's
+prefix-length mask does under its processor's default left padding.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
+from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.prompts import AUDIO_PAD, asr_prompt, asr_target
+from qwen3asr_train.data.sampler import Window
+from qwen3asr_train.languages import CER_LANGUAGES
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SFTOptions:
+    """Per-row augmentation probabilities (see ``SFTConfig``) and padding side."""
+
+    forced_language_prob: float = 0.0
+    context_prob: float = 0.0
+    manifest_context_prob: float = 1.0
+    hotwords_max: int = 3
+    distractors_max: int = 5
+    no_speech_prob: float = 0.0
+    padding_side: str = "right"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What one row becomes: its context, whether the language is forced, and its target."""
+
+    context: str
+    forced_language: bool
+    no_speech: bool
+    language: str | None
+    text: str
+
+
+def row_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """Augmentation choices depend only on (seed, epoch, dataset index): resumed runs repeat them exactly."""
+    return random.Random(zlib.crc32(f"{seed}/{epoch}/{index}".encode()))
+
+
+def candidate_words(text: str, language: str | None) -> list[str]:
+    """Hot-word candidates of a transcript: words of 3+ characters, or 2–4 character spans for CJK."""
+    if language in CER_LANGUAGES and " " not in text.strip():
+        chars = text.strip()
+        return [chars[i : i + n] for n in (2, 3, 4) for i in range(0, max(len(chars) - n + 1, 0), n)]
+    return [w.strip(".,!?;:\"'()") for w in text.split() if len(w.strip(".,!?;:\"'()")) >= 3]
+
+
+class SFTCollator:
+    """Turns decoded samples into SFT micro-batches (see the module docstring for the schema)."""
+
+    def __init__(self, processor: Qwen3ASRProcessor, options: SFTOptions, distractor_pool: Sequence[str] = ()) -> None:
+        self.tokenizer = processor.tokenizer
+        self.feature_extractor = processor.feature_extractor
+        self.options = options
+        self.distractors = list(distractor_pool)
+        self.audio_pad_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PAD)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None or self.pad_id == self.tokenizer.convert_tokens_to_ids("<|im_end|>"):
+            raise ValueError("the tokenizer's pad token must exist and differ from <|im_end|> (the target's end)")
+
+    # ------------------------------------------------------------------ per-row plan
+    def plan(self, sample: Sample, epoch: int) -> RowPlan:
+        """Decide this row's augmentations from its own RNG (see :func:`row_rng`)."""
+        o = self.options
+        rng = row_rng(o.seed, epoch, sample.index)
+        utt = sample.utt
+        no_speech = utt.no_speech or rng.random() < o.no_speech_prob
+        language, text = (None, "") if no_speech else (utt.language, utt.text)
+        context = ""
+        if utt.context and rng.random() < o.manifest_context_prob:
+            context = utt.context
+        elif rng.random() < o.context_prob:
+            context = self._hotwords(rng, "" if no_speech else text, language)
+        forced = language is not None and rng.random() < o.forced_language_prob
+        return RowPlan(context, forced, no_speech, language, text)
+
+    def _hotwords(self, rng: random.Random, text: str, language: str | None) -> str:
+        own = candidate_words(text, language)
+        hot = rng.sample(own, min(len(own), rng.randint(1, self.options.hotwords_max))) if own else []
+        k = rng.randint(0, self.options.distractors_max)
+        distract = rng.sample(self.distractors, min(k, len(self.distractors))) if self.distractors else []
+        words = [w for w in dict.fromkeys(hot + distract)]
+        rng.shuffle(words)
+        return ", ".join(words)
+
+    def _audio(self, sample: Sample, plan: RowPlan, epoch: int) -> np.ndarray:
+        if not plan.no_speech or sample.utt.no_speech:
+            return sample.audio
+        gen = np.random.default_rng(zlib.crc32(f"noise/{self.options.seed}/{epoch}/{sample.index}".encode()))
+        level = 10 ** gen.uniform(-4, -1.5)  # from near-silence to audible noise
+        return (gen.standard_normal(len(sample.audio)) * level).astype(np.float32)
+
+    # ------------------------------------------------------------------ tokens
+    def token_ids(self, plan: RowPlan, n_audio: int) -> tuple[list[int], list[int]]:
+        """(prompt ids with the audio pad expanded to ``n_audio``, target ids)."""
+        forced_lang = plan.language if plan.forced_language else None
+        prompt = self.tokenizer.encode(asr_prompt(plan.context, forced_lang), add_special_tokens=False)
+        if prompt.count(self.audio_pad_id) != 1:
+            raise ValueError("the context must not contain the audio placeholder token")
+        k = prompt.index(self.audio_pad_id)
+        prompt = prompt[:k] + [self.audio_pad_id] * n_audio + prompt[k + 1 :]
+        target = self.tokenizer.encode(
+            asr_target(plan.language, plan.text, plan.forced_language), add_special_tokens=False
+        )
+        return prompt, target
+
+    def __call__(self, samples: Sequence[Sample], epoch: int = 0) -> dict:
+        if not samples:
+            raise ValueError("empty micro-batch")
+        plans = [self.plan(s, epoch) for s in samples]
+        audios = [self._audio(s, p, epoch) for s, p in zip(samples, plans, strict=True)]
+        feats = self.feature_extractor(
+            audios,
+            sampling_rate=SAMPLE_RATE,
+            padding=True,
+            truncation=False,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        frames = feats["attention_mask"].sum(-1).tolist()
+        rows = [self.token_ids(p, audio_tokens_for_frames(int(f))) for p, f in zip(plans, frames, strict=True)]
+        length = max(len(p) + len(t) for p, t in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (prompt, target) in enumerate(rows):
+            n = len(prompt) + len(target)
+            start = length - n if self.options.padding_side == "left" else 0
+            input_ids[i, start : start + n] = torch.tensor(prompt + target)
+            labels[i, start + len(prompt) : start + n] = torch.tensor(target)
+            attention[i, start : start + n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "input_features": feats["input_features"],
+            "input_features_mask": feats["attention_mask"].long(),
+            "num_target_tokens": int((labels != IGNORE_INDEX).sum()),
+            "audio_seconds": float(sum(len(a) for a in audios) / SAMPLE_RATE),
+            "num_no_speech": sum(p.no_speech for p in plans),
+            "ids": [s.utt.id for s in samples],
+        }
+
+
+class WindowCollator:
+    """Collates a :class:`Window` into its micro-batches and tags each with the window's token count."""
+
+    def __init__(self, collator: SFTCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, item: tuple[Window, list[list[Sample]], int]) -> list[dict]:
+        window, micro_samples, skipped = item
+        batches = []
+        for j, samples in enumerate(micro_samples):
+            if not samples:
+                raise RuntimeError(
+                    f"every utterance of a micro-batch was unreadable (epoch {window.epoch}, micro-batch "
+                    f"{window.first_micro + j}); see the warnings above"
+                )
+            batch = self.collator(samples, window.epoch)
+            batch["position"] = (window.epoch, window.first_micro + j)
+            batch["skipped_audio"] = skipped if j == 0 else 0
+            batches.append(batch)
+        total = sum(b["num_target_tokens"] for b in batches)
+        for batch in batches:
+            batch["window_target_tokens"] = total
+            batch["window_size"] = len(batches)
+        return batches

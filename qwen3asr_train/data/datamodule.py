@@ -1,0 +1,175 @@
+"""Lightning data wiring: manifests -> datasets -> window sampler -> loaders, resumable mid-epoch.
+
+The training loader yields micro-batches (Lightning accumulates ``accumulate_grad_batches`` of them),
+but is fed whole accumulation windows by :class:`~qwen3asr_train.data.sampler.DurationWindowSampler`
+so each micro-batch knows its window's target-token count. :class:`DataPositionTracker` records which
+micro-batch the *training step* consumed (Lightning prefetches one batch ahead, so counting batches
+handed out would be off by one); Lightning saves that position through the loader's
+``state_dict`` and restores it before iterating on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.config.schema import DataConfig
+from qwen3asr_train.data.collate import SFTCollator, SFTOptions, WindowCollator, candidate_words
+from qwen3asr_train.data.dataset import UtteranceDataset, WindowDataset
+from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, Utterance, read_manifests
+from qwen3asr_train.data.sampler import DurationWindowSampler
+from qwen3asr_train.languages import LanguageTable
+
+log = logging.getLogger(__name__)
+
+
+def row_checks(cfg: DataConfig) -> RowChecks:
+    """Manifest checks from the data config (token limits are applied later, once a tokenizer exists)."""
+    return RowChecks(
+        languages=LanguageTable(cfg.extra_languages, cfg.allow_dialects),
+        max_duration=cfg.max_duration,
+        min_duration=cfg.min_duration,
+    )
+
+
+def load_train_utterances(cfg: DataConfig) -> tuple[list[Utterance], Any]:
+    """All training utterances (manifests + optional HF dataset) and the HF dataset object (or None)."""
+    checks = row_checks(cfg)
+    items = read_manifests(cfg.train, checks, cfg.on_bad_row) if cfg.train else []
+    hf = None
+    if cfg.hf_train.path:
+        from qwen3asr_train.data.dataset import load_hf_source
+
+        hf_items, hf = load_hf_source(cfg.hf_train, checks, cfg.on_bad_row)
+        items.extend(hf_items)
+    return items, hf
+
+
+def drop_long_targets(items: Sequence[Utterance], processor: Qwen3ASRProcessor, cfg: DataConfig) -> list[Utterance]:
+    """Apply ``data.max_text_tokens`` with the row policy (needs the tokenizer, so it runs after model build)."""
+    kept, report = [], SkipReport()
+    for utt in items:
+        n = len(processor.tokenizer.encode(utt.text, add_special_tokens=False))
+        if n > cfg.max_text_tokens:
+            message = f"{utt.source}: text has {n} tokens > data.max_text_tokens={cfg.max_text_tokens}"
+            if cfg.on_bad_row == "error":
+                raise ManifestError(message, "text_too_long")
+            report.add("text_too_long", message)
+            continue
+        kept.append(utt)
+    report.log("token-length check")
+    return kept
+
+
+class WindowedLoader:
+    """Flattens a DataLoader of windows into micro-batches; stateful for Lightning's mid-epoch resume."""
+
+    def __init__(self, loader: DataLoader, sampler: DurationWindowSampler) -> None:
+        self.loader = loader
+        self.sampler = sampler  # Lightning calls sampler.set_epoch at each epoch start
+
+    def __iter__(self) -> Iterator[dict]:
+        for window_batches in self.loader:
+            yield from window_batches
+
+    def __len__(self) -> int:
+        return self.sampler.num_micro_batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class DataPositionTracker(L.Callback):
+    """Marks each micro-batch as consumed when its training step starts (see the module docstring)."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, WindowedLoader):
+            epoch, micro = batch["position"]
+            loader.sampler.mark_consumed(epoch, micro)
+
+
+class ASRDataModule(L.LightningDataModule):
+    """Training (windowed, augmented) and validation (plain, no augmentation) loaders for SFT."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        processor: Qwen3ASRProcessor,
+        train: Sequence[Utterance],
+        options: SFTOptions,
+        accumulate: int,
+        seed: int,
+        hf_dataset: Any = None,
+        valid: Sequence[Utterance] = (),
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.processor = processor
+        self.options = options
+        self.accumulate = accumulate
+        self.seed = seed
+        self.train_set = UtteranceDataset(train, cfg.on_bad_row, hf_dataset, cfg.hf_train.audio_column)
+        self.valid_set = UtteranceDataset(valid, cfg.on_bad_row) if valid else None
+        pool: list[str] = []
+        for utt in train:
+            pool.extend(candidate_words(utt.text, utt.language))
+        random.Random(seed).shuffle(pool)
+        self.distractors = list(dict.fromkeys(pool))[:20000]
+
+    def _loader(self, dataset: UtteranceDataset, options: SFTOptions, window: int, shuffle: bool) -> WindowedLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = DurationWindowSampler(
+            dataset.durations(),
+            max_seconds=self.cfg.max_batch_seconds,
+            max_batch_size=self.cfg.max_batch_size,
+            window=window,
+            num_buckets=self.cfg.num_buckets,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+        collate = WindowCollator(SFTCollator(self.processor, options, self.distractors))
+        loader = DataLoader(
+            WindowDataset(dataset),
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+            prefetch_factor=2 if self.cfg.num_workers > 0 else None,
+        )
+        return WindowedLoader(loader, sampler)
+
+    def micro_batches_per_epoch(self) -> int:
+        """Training micro-batches in one epoch over all ranks (sizes the learning-rate schedule)."""
+        sampler = DurationWindowSampler(
+            self.train_set.durations(),
+            self.cfg.max_batch_seconds,
+            self.cfg.max_batch_size,
+            num_buckets=self.cfg.num_buckets,
+            seed=self.seed,
+        )
+        return len(sampler.micro_batches(0))
+
+    def train_dataloader(self) -> WindowedLoader:
+        return self._loader(self.train_set, self.options, self.accumulate, self.cfg.shuffle)
+
+    def val_dataloader(self) -> WindowedLoader | list:
+        if self.valid_set is None:
+            return []
+        plain = SFTOptions(padding_side=self.options.padding_side, seed=self.seed)
+        return self._loader(self.valid_set, plain, 1, False)

@@ -1,0 +1,279 @@
+"""Manifests: JSONL(.gz) rows (two accepted shapes) and HF datasets -> validated ``Utterance`` records.
+
+Accepted row shapes (one JSON object per line):
+
+* upstream fine-tuning format: ``{"audio": path, "text": "language English<asr_text>the text",
+  "prompt": optional context}`` (``language None<asr_text>`` = no speech);
+* structured: ``{"audio": path, "text": str, "language": name or ISO code, "context": str?,
+  "duration": s?, "offset": s?, "id": str?, "words": [{"word", "start", "end"}]?, "no_speech": bool?}``.
+
+Relative audio paths are resolved against the manifest's directory. Every problem names the file and
+line. ``on_bad_row="error"`` raises at the first bad row; ``"skip"`` drops it, counts it by reason and
+logs a summary with examples — nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwen3asr_train.data.audio import AudioError, audio_info
+from qwen3asr_train.data.prompts import ASR_TEXT
+from qwen3asr_train.languages import NO_SPEECH, LanguageTable, UnknownLanguageError
+
+log = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest row that cannot be used; the message starts with ``file:line``.
+
+    ``reason`` is a short category used to count rows dropped under the skip policy.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_row") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AlignedWord:
+    """One word unit with its time span in seconds (relative to the utterance start)."""
+
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
+class Utterance:
+    """One training/evaluation item.
+
+    ``language`` is the canonical target name, ``None`` for a no-speech item. ``source`` is
+    ``file:line`` for error messages. ``audio`` is a path, or ``hf://<index>`` for an HF-datasets row.
+    """
+
+    id: str
+    audio: str
+    duration: float
+    text: str
+    language: str | None
+    offset: float = 0.0
+    context: str = ""
+    dialect: str | None = None
+    words: list[AlignedWord] | None = None
+    source: str = ""
+
+    @property
+    def no_speech(self) -> bool:
+        """True for items whose target is ``language None<asr_text>``."""
+        return self.language is None
+
+
+@dataclass
+class SkipReport:
+    """Counts of rows dropped under ``on_bad_row="skip"``, by reason, with a few examples."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < 10:
+            self.examples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def log(self, what: str) -> None:
+        if self.total:
+            log.warning(
+                "skipped %d bad rows in %s: %s; e.g. %s", self.total, what, dict(self.counts), self.examples[:3]
+            )
+
+
+@dataclass
+class RowChecks:
+    """What a row must satisfy (from the data config)."""
+
+    languages: LanguageTable
+    max_duration: float = 1200.0
+    min_duration: float = 0.0
+    max_text_tokens: int | None = None
+    count_tokens: Callable[[str], int] | None = None
+    check_audio: bool = True
+
+
+def _open_text(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        yield from handle
+
+
+def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: int) -> Utterance:
+    """Validate one decoded JSON row; raise :class:`ManifestError` (prefixed with ``where``) if unusable."""
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}", "not_an_object")
+    audio = row.get("audio")
+    if not isinstance(audio, str) or not audio:
+        raise ManifestError(f"{where}: missing or non-string 'audio'", "no_audio_field")
+    text = row.get("text", "")
+    if not isinstance(text, str):
+        raise ManifestError(f"{where}: 'text' must be a string", "bad_text")
+    context = row.get("context", row.get("prompt", "")) or ""
+    if not isinstance(context, str):
+        raise ManifestError(f"{where}: 'context'/'prompt' must be a string", "bad_context")
+
+    label = row.get("language")
+    if label is None and ASR_TEXT in text:
+        prefix, text = text.split(ASR_TEXT, 1)
+        if not prefix.startswith("language "):
+            raise ManifestError(
+                f"{where}: upstream-format text must start with 'language <Name><asr_text>'", "bad_text"
+            )
+        label = prefix[len("language ") :].strip()
+    no_speech = bool(row.get("no_speech", False)) or label == NO_SPEECH
+    language: str | None = None
+    dialect: str | None = None
+    if no_speech:
+        if text.strip():
+            raise ManifestError(f"{where}: a no-speech row must have empty text, got {text[:40]!r}", "bad_text")
+        text = ""
+    else:
+        if label is None:
+            raise ManifestError(
+                f"{where}: no language (add 'language', or use 'language X<asr_text>' in 'text')", "no_language"
+            )
+        try:
+            language, dialect = checks.languages.resolve(str(label))
+        except UnknownLanguageError as exc:
+            raise ManifestError(f"{where}: {exc}", "unknown_language") from None
+        if not text.strip():
+            raise ManifestError(
+                f'{where}: empty text on a row not marked as no-speech (set "no_speech": true)', "empty_text"
+            )
+        if checks.max_text_tokens and checks.count_tokens is not None:
+            n_tokens = checks.count_tokens(text)
+            if n_tokens > checks.max_text_tokens:
+                raise ManifestError(
+                    f"{where}: text has {n_tokens} tokens > data.max_text_tokens={checks.max_text_tokens}",
+                    "text_too_long",
+                )
+
+    path = Path(audio) if os.path.isabs(audio) or audio.startswith("hf://") else base_dir / audio
+    offset = float(row.get("offset", 0.0) or 0.0)
+    duration = row.get("duration")
+    if checks.check_audio and not str(path).startswith("hf://"):
+        if not path.is_file():
+            raise ManifestError(f"{where}: audio file not found: {path}", "audio_missing")
+        if duration is None:
+            try:
+                frames, rate = audio_info(path)
+            except AudioError as exc:
+                raise ManifestError(f"{where}: {exc}", "audio_unreadable") from None
+            duration = frames / rate - offset
+    if duration is None:
+        raise ManifestError(f"{where}: no 'duration' and the audio header was not read", "no_duration")
+    duration = float(duration)
+    if offset < 0 or duration <= 0:
+        raise ManifestError(f"{where}: bad segment (offset={offset}, duration={duration})", "bad_segment")
+    if duration > checks.max_duration:
+        raise ManifestError(
+            f"{where}: audio is {duration:.1f}s, longer than the limit data.max_duration={checks.max_duration:g}s "
+            f"(Qwen3-ASR accepts at most 1200 s; split long recordings into segments with offset/duration)",
+            "audio_too_long",
+        )
+    if duration < checks.min_duration:
+        raise ManifestError(
+            f"{where}: audio is {duration:.3f}s, shorter than data.min_duration={checks.min_duration}s",
+            "audio_too_short",
+        )
+
+    words = None
+    if row.get("words") is not None:
+        words = _parse_words(row["words"], duration, where)
+    return Utterance(
+        id=str(row.get("id", f"{Path(where.split(':')[0]).stem}-{index}")),
+        audio=str(path),
+        duration=duration,
+        text=text,
+        language=language,
+        offset=offset,
+        context=context,
+        dialect=dialect,
+        words=words,
+        source=where,
+    )
+
+
+def _parse_words(raw: Any, duration: float, where: str) -> list[AlignedWord]:
+    if not isinstance(raw, list):
+        raise ManifestError(f"{where}: 'words' must be a list", "bad_words")
+    words = []
+    previous_end = 0.0
+    for k, item in enumerate(raw):
+        try:
+            word = AlignedWord(str(item["word"]), float(item["start"]), float(item["end"]))
+        except (KeyError, TypeError, ValueError):
+            raise ManifestError(f"{where}: words[{k}] needs 'word', 'start', 'end'", "bad_words") from None
+        if not (0.0 <= word.start <= word.end <= duration + 1e-3):
+            raise ManifestError(f"{where}: words[{k}] {word} outside [0, {duration:.3f}]s or start > end", "bad_words")
+        if word.start < previous_end - 1e-3:
+            raise ManifestError(
+                f"{where}: words[{k}] starts before the previous word ends (times must be monotonic)", "bad_words"
+            )
+        previous_end = word.end
+        words.append(word)
+    return words
+
+
+def read_manifest(
+    path: str | Path, checks: RowChecks, policy: str = "error", report: SkipReport | None = None
+) -> list[Utterance]:
+    """Read and validate a JSONL(.gz) manifest (see the module docstring for shapes and policy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found", "manifest_missing")
+    report = report if report is not None else SkipReport()
+    items: list[Utterance] = []
+    for line_no, line in enumerate(_open_text(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(
+                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json"
+                ) from None
+            items.append(parse_row(row, where, path.parent, checks, line_no))
+        except ManifestError as exc:
+            if policy == "error":
+                raise
+            report.add(exc.reason, str(exc))
+    if not items:
+        raise ManifestError(f"{path}: no usable rows", "empty_manifest")
+    log.info("%s: %d utterances, %.2f h", path, len(items), sum(u.duration for u in items) / 3600)
+    return items
+
+
+def read_manifests(paths: Iterable[str | Path], checks: RowChecks, policy: str = "error") -> list[Utterance]:
+    """Read several manifests; log (and return nothing silently) what the skip policy dropped."""
+    report = SkipReport()
+    items: list[Utterance] = []
+    for path in paths:
+        items.extend(read_manifest(path, checks, policy, report))
+    report.log(", ".join(str(p) for p in paths))
+    ids = Counter(u.id for u in items)
+    duplicated = [i for i, n in ids.items() if n > 1]
+    if duplicated:
+        raise ManifestError(f"duplicate utterance ids across manifests, e.g. {duplicated[:5]}")
+    return items

@@ -1,0 +1,65 @@
+"""Losses as small pure functions (shape comments on every tensor line).
+
+``target_token_ce`` computes the LM head only at positions that predict a labelled token: most
+positions of an ASR sequence are audio placeholders and prompt, and full 151,936-way logits at every
+position are what makes the upstream recipe run out of memory. It returns a *sum* (and the count) so
+the caller decides the normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def target_token_ce(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labelled positions, and the number of labelled tokens.
+
+    Args:
+        hidden: ``(B, L, H)`` last hidden states of the decoder.
+        labels: ``(B, L)`` labels aligned with the input ids (``-100`` = not trained); position ``t``
+            is predicted from the hidden state at ``t - 1``.
+        head: the LM head (``Linear(H, V)``).
+    """
+    target = labels[:, 1:]  # (B, L-1)
+    mask = target != IGNORE_INDEX  # (B, L-1)
+    picked = hidden[:, :-1][mask]  # (N, H)
+    logits = head(picked).float()  # (N, V) — fp32 for a stable log-softmax under bf16 autocast
+    loss_sum = F.cross_entropy(logits, target[mask], reduction="sum")  # ()
+    return loss_sum, mask.sum()
+
+
+def audio_ctc(
+    audio_hidden: torch.Tensor,
+    audio_lengths: torch.Tensor,
+    targets: list[torch.Tensor],
+    head: torch.nn.Module,
+    blank_id: int,
+) -> torch.Tensor:
+    """Summed CTC loss of transcript tokens on the projected audio states (auxiliary, from-scratch runs).
+
+    Args:
+        audio_hidden: ``(N_audio, H)`` projector outputs of all rows, packed in row order.
+        audio_lengths: ``(B,)`` audio tokens per row.
+        targets: ``B`` tensors of transcript token ids.
+        head: the LM head (tied to the embeddings), so CTC shapes the same output space.
+        blank_id: token used as the CTC blank (a token never in transcripts, e.g. ``<|endoftext|>``).
+    """
+    log_probs = head(audio_hidden).float().log_softmax(-1)  # (N_audio, V)
+    rows = torch.split(log_probs, audio_lengths.tolist())  # B x (T_b, V)
+    padded = torch.nn.utils.rnn.pad_sequence(list(rows))  # (T_max, B, V)
+    flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)  # (sum S_b,)
+    target_lengths = torch.tensor([len(t) for t in targets], device=flat.device)  # (B,)
+    return F.ctc_loss(
+        padded,
+        flat.to(padded.device),
+        audio_lengths,
+        target_lengths,
+        blank=blank_id,
+        reduction="sum",
+        zero_infinity=True,
+    )

@@ -1,0 +1,174 @@
+"""One model builder for every stage: checkpoint (native or original layout) or tiny, plus options.
+
+Why one function: SFT, GSPO (policy and reference) and the aligner must load weights the same way,
+with the same guarantee that every weight loaded, and the same freezing/LoRA/precision options.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoProcessor,
+    Qwen3ASRConfig,
+    Qwen3ASRForConditionalGeneration,
+    Qwen3ASRForTokenClassification,
+    Qwen3ASRProcessor,
+)
+
+from qwen3asr_train.config.schema import LoraConfig, ModelConfig
+from qwen3asr_train.data.prompts import ASR_CHAT_TEMPLATE
+from qwen3asr_train.model.convert import (
+    CheckpointLayoutError,
+    is_aligner_config,
+    is_original_config,
+    original_key_mapping,
+    original_to_native_config,
+    read_config_json,
+)
+from qwen3asr_train.model.tiny import build_tiny
+
+log = logging.getLogger(__name__)
+
+AsrModel = Qwen3ASRForConditionalGeneration | Qwen3ASRForTokenClassification
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_checkpoint_dir(path_or_id: str) -> Path:
+    """A local directory as is; otherwise a hub id downloaded (or found in the local HF cache)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointLayoutError(f"{path_or_id}: is a file, expected a model directory or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_id))
+    except Exception as exc:  # network errors, unknown repo, offline mode without cache
+        raise CheckpointLayoutError(
+            f"{path_or_id}: not a local directory, and fetching it from the hub failed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def select_attention(requested: str) -> str:
+    """``auto`` -> flash_attention_2 when the package is installed and a GPU is present, else sdpa."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                "(pip install qwen3asr_train[flash] on a machine with a CUDA toolchain)"
+            )
+        return requested
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_checkpoint(
+    directory: Path, task: str, dtype: torch.dtype, attn_implementation: str
+) -> tuple[AsrModel, Qwen3ASRProcessor]:
+    """Load a native or original-layout checkpoint strictly (no missing, no unexpected weights)."""
+    raw = read_config_json(directory)
+    aligner = task == "aligner"
+    cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
+    if is_original_config(raw):
+        if aligner != is_aligner_config(raw):
+            raise CheckpointLayoutError(
+                f"{directory}: model.task={task} but the checkpoint is "
+                f"{'a forced aligner' if is_aligner_config(raw) else 'an ASR model'}"
+            )
+        config = Qwen3ASRConfig(**original_to_native_config(raw))
+        model, info = cls.from_pretrained(
+            directory,
+            config=config,
+            key_mapping=original_key_mapping(aligner),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+        )
+        _raise_on_load_problems(directory, info)
+        log.info("loaded original-layout checkpoint %s (converted to the native layout)", directory)
+    else:
+        model, info = cls.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+        _raise_on_load_problems(directory, info)
+        log.info("loaded native checkpoint %s", directory)
+    processor = AutoProcessor.from_pretrained(directory)
+    if processor.chat_template is None and not aligner:
+        processor.chat_template = ASR_CHAT_TEMPLATE
+    return model, processor
+
+
+def _raise_on_load_problems(directory: Path, info: dict[str, object]) -> None:
+    """transformers reports but tolerates missing/unexpected weights; we refuse them."""
+    problems = {
+        k: sorted(v)[:8] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
+    if problems:
+        counts = {k: len(info[k]) for k in problems}
+        raise CheckpointLayoutError(
+            f"{directory}: weights do not match the model {counts}, e.g. {problems}. Refusing to train on weights "
+            f"that did not load."
+        )
+
+
+def set_trainable(model: AsrModel, cfg: ModelConfig) -> None:
+    """Freeze the parts the config asks for (the LLM includes embeddings and the head)."""
+    parts = {
+        "model.audio_tower.": cfg.freeze_audio_encoder,
+        "model.multi_modal_projector.": cfg.freeze_projector,
+        "model.language_model.": cfg.freeze_llm or cfg.lora.enabled,
+        "lm_head.": cfg.freeze_llm or cfg.lora.enabled,
+    }
+    for name, param in model.named_parameters():
+        for prefix, frozen in parts.items():
+            if name.startswith(prefix):
+                param.requires_grad_(not frozen)
+
+
+def apply_lora(model: AsrModel, lora: LoraConfig) -> AsrModel:
+    """Wrap the LLM's linear layers with peft LoRA adapters (only adapters train in the LLM)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    lm = model.get_submodule("model.language_model")
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    inject_adapter_in_model(peft_cfg, lm)
+    n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
+    if n == 0:
+        raise ValueError(f"model.lora.target_modules={lora.target_modules} matched no module in the LLM")
+    log.info("LoRA: %s adapter parameters", f"{n:,}")
+    return model
+
+
+def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> tuple[AsrModel, Qwen3ASRProcessor]:
+    """Build the model and processor described by ``cfg`` (``texts`` train the tiny BPE)."""
+    attn = select_attention(cfg.attn_implementation)
+    if cfg.source == "tiny":
+        sizes = cfg.tiny
+        if cfg.task == "aligner" and sizes.num_labels <= 0:
+            raise ValueError("model.tiny.num_labels must be > 0 for model.task=aligner")
+        model, processor = build_tiny(sizes, texts, seed=seed)
+        model.config._attn_implementation = attn
+        model.to(DTYPES[cfg.dtype])
+    else:
+        assert cfg.path is not None
+        model, processor = load_checkpoint(resolve_checkpoint_dir(cfg.path), cfg.task, DTYPES[cfg.dtype], attn)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_trainable(model, cfg)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s of %s (attention: %s)", f"{trainable:,}", f"{total:,}", attn)
+    return model, processor

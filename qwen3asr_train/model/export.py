@@ -1,0 +1,156 @@
+"""Write self-contained model directories: transformers-native and the original thinker layout.
+
+Why both: ``Qwen3ASRForConditionalGeneration.from_pretrained`` reads the native layout; qwen-asr, vLLM
+and the official SFT read only the original one (../shared/reference/qwen3_asr_facts.md §1.4). Each
+directory carries weights, config, generation config, tokenizer, feature-extractor and chat-template
+files, so it loads with no project code. Writes go to a temporary sibling directory that is renamed
+into place at the end, so a crash never leaves a half-written export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, Qwen3ASRProcessor
+
+from qwen3asr_train.data.prompts import ASR_CHAT_TEMPLATE, AUDIO_END, AUDIO_START, ENDOFTEXT, IM_END
+from qwen3asr_train.model.builder import AsrModel
+from qwen3asr_train.model.convert import native_to_original_config, native_to_original_state_dict
+
+log = logging.getLogger(__name__)
+
+LEGACY_FEATURE_EXTRACTOR = {
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "feature_size": 128,
+    "sampling_rate": 16000,
+    "hop_length": 160,
+    "chunk_length": 30,
+    "n_fft": 400,
+    "n_samples": 480000,
+    "nb_max_frames": 3000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "dither": 0.0,
+    "return_attention_mask": True,
+    "processor_class": "Qwen3ASRProcessor",
+}
+"""``preprocessor_config.json`` as qwen-asr 0.0.6 (transformers 4.57) reads it: the Whisper extractor
+with 128 mel bins; qwen-asr calls it with ``padding=True, truncation=False``."""
+
+
+class _AtomicDir:
+    """Write into ``<dst>.tmp-<pid>`` and rename to ``dst`` on success (the old ``dst`` is replaced)."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst = dst
+        self.tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dst.exists():
+            old = self.dst.with_name(f"{self.dst.name}.old-{os.getpid()}")
+            self.dst.rename(old)
+            self.tmp.rename(self.dst)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.dst)
+
+
+def generation_config_for(processor: Qwen3ASRProcessor) -> GenerationConfig:
+    """Greedy decoding that stops at ``<|im_end|>`` or ``<|endoftext|>`` (ids read from the tokenizer)."""
+    tok = processor.tokenizer
+    end_ids = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
+    return GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=False, max_new_tokens=512)
+
+
+def save_native(
+    model: AsrModel,
+    processor: Qwen3ASRProcessor,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    run_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save the native layout (weights, config, generation config, processor) atomically."""
+    out = Path(out_dir)
+    with _AtomicDir(out) as tmp:
+        original_dtype = next(model.parameters()).dtype
+        model.to(dtype)
+        try:
+            if hasattr(model, "generate"):
+                model.generation_config = generation_config_for(processor)
+            model.save_pretrained(tmp)
+        finally:
+            model.to(original_dtype)
+        if processor.chat_template is None and hasattr(model, "generate"):
+            processor.chat_template = ASR_CHAT_TEMPLATE
+        processor.save_pretrained(tmp)
+        _write_run_config(tmp, run_config)
+    log.info("wrote native checkpoint to %s", out)
+    return out
+
+
+def save_original(
+    model: AsrModel,
+    processor: Qwen3ASRProcessor,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    run_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save the original thinker layout that qwen-asr 0.0.6 and vLLM load, atomically.
+
+    The head is written explicitly (a copy of the embeddings when tied), the config is nested with the
+    aligner type kept, and ``transformers_version`` is this library's (5.x): qwen-asr's tokenizer loader
+    swaps in a Mistral pre-tokenizer regex for local directories whose config claims 4.57.3–4.x, which
+    would change token ids between training and inference.
+    """
+    out = Path(out_dir)
+    tok = processor.tokenizer
+    native_cfg = model.config.to_dict()
+    token_ids = {
+        "audio_start": tok.convert_tokens_to_ids(AUDIO_START),
+        "audio_end": tok.convert_tokens_to_ids(AUDIO_END),
+        "user": tok.encode("user", add_special_tokens=False)[0],
+    }
+    config = native_to_original_config(native_cfg, token_ids, int(getattr(processor, "timestamp_segment_time", 80)))
+    config["transformers_version"] = native_cfg.get("transformers_version")
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tied = bool(model.config.tie_word_embeddings) and hasattr(model, "lm_head")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    original = native_to_original_state_dict(state, tied=tied)
+    with _AtomicDir(out) as tmp:
+        save_file(original, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if hasattr(model, "generate"):
+            generation_config_for(processor).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(LEGACY_FEATURE_EXTRACTOR, indent=2) + "\n")
+        template = processor.chat_template or ASR_CHAT_TEMPLATE
+        (tmp / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+        _write_run_config(tmp, run_config)
+    log.info("wrote original-layout checkpoint to %s", out)
+    return out
+
+
+def _write_run_config(directory: Path, run_config: Mapping[str, Any] | None) -> None:
+    if run_config is not None:
+        (directory / "qwen3asr_train_run.json").write_text(
+            json.dumps(run_config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        )

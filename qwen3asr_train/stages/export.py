@@ -1,0 +1,105 @@
+"""``recipe=export``: a training checkpoint -> a self-contained model directory.
+
+Reads the run directory the checkpoint belongs to (``model_init/`` holds the starting config and
+processor, ``run.json`` the resolved config), rebuilds the architecture, loads the checkpoint's
+weights strictly, merges LoRA adapters into the base weights, and writes the native layout, the
+original thinker layout, or both (``recipe.layout``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
+
+from qwen3asr_train.config.schema import ExportConfig, LoraConfig, RunConfig
+from qwen3asr_train.model.builder import AsrModel, apply_lora
+from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys
+from qwen3asr_train.model.export import save_native, save_original
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint file or DeepSpeed dir, run directory)`` for a ``.ckpt`` path or a run directory."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
+        return path / "checkpoints" / "last.ckpt", path
+    if path.exists():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run_dir
+    raise FileNotFoundError(f"recipe.checkpoint={path}: neither a checkpoint nor a run directory with checkpoints/")
+
+
+def load_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The LightningModule state dict of a checkpoint (a file, or a DeepSpeed checkpoint directory)."""
+    if ckpt.is_dir():
+        from lightning.pytorch.utilities.deepspeed import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return payload["state_dict"]
+
+
+def merge_lora(model: torch.nn.Module) -> int:
+    """Fold every peft LoRA layer into its base linear layer and put the base layer back; returns the count."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str, Any]]:
+    """Rebuild the trained model (weights from ``ckpt``) and its processor from the run directory."""
+    init_dir = run_dir / "model_init"
+    if not (init_dir / "config.json").exists():
+        raise CheckpointLayoutError(f"{run_dir}: no model_init/config.json (was this written by qwen3asr_train?)")
+    run_cfg = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    config = Qwen3ASRConfig.from_pretrained(init_dir)
+    processor = AutoProcessor.from_pretrained(init_dir)
+    aligner = int(getattr(config, "num_labels", 0) or 0) > 2 and "TokenClassification" in str(config.architectures)
+    cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
+    model = cls(config)
+    state = {k.removeprefix("model."): v for k, v in load_module_state(ckpt).items() if k.startswith("model.")}
+    if any("lora_" in k for k in state):
+        apply_lora(model, LoraConfig(**run_cfg.get("model", {}).get("lora", {})))
+    expected = set(model.state_dict())
+    tied = bool(config.tie_word_embeddings) and not aligner
+    check_keys(expected, set(state), str(ckpt), {"lm_head.weight"} if tied else None)
+    model.load_state_dict(state, strict=not tied)
+    if tied:
+        model.tie_weights()
+    n = merge_lora(model)
+    if n:
+        log.info("merged %d LoRA layers into the base weights", n)
+    model.eval()
+    return model, processor, run_cfg
+
+
+def run(cfg: RunConfig) -> dict[str, str]:
+    """Export ``recipe.checkpoint`` (see the module docstring)."""
+    recipe: ExportConfig = cfg.recipe
+    ckpt, run_dir = find_checkpoint(recipe.checkpoint)
+    model, processor, run_cfg = rebuild_from_run(ckpt, run_dir)
+    out = Path(recipe.output_dir) if recipe.output_dir else run_dir / "export"
+    dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
+    written = {}
+    if recipe.layout in {"native", "both"}:
+        written["native"] = str(
+            save_native(model, processor, out / "native" if recipe.layout == "both" else out, dtype, run_cfg)
+        )
+    if recipe.layout in {"original", "both"}:
+        written["original"] = str(
+            save_original(model, processor, out / "original" if recipe.layout == "both" else out, dtype, run_cfg)
+        )
+    for key, value in written.items():
+        log.info("exported %s layout: %s", key, value)
+    return written

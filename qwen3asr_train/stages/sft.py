@@ -1,0 +1,279 @@
+"""``recipe=sft``: supervised fine-tuning on ``language X<asr_text>text<|im_end|>`` targets.
+
+Loss normalisation (deliberate, differs from upstream): the cross-entropy is summed over the target
+tokens of every micro-batch of an optimizer step and divided by the number of target tokens in all of
+them (across all ranks). Each micro-batch contributes ``CE_sum × k × world / N_window``; Lightning
+divides by ``k`` (accumulation) and DDP averages over ``world``, so the gradient is exactly
+``∑ CE / N_window``: the same whether a step is 1 micro-batch of 8 or 4 of 2. The upstream recipe sums
+the micro-batch means instead, so its gradient grows with the accumulation count.
+
+Precision: ``bf16-mixed`` keeps fp32 weights and AdamW state and computes in bf16; ``bf16-true`` (pure
+bf16 weights) is refused unless ``trainer.allow_low_precision_weights`` (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from qwen3asr_train.config.schema import RunConfig, SFTConfig
+from qwen3asr_train.data.collate import SFTOptions
+from qwen3asr_train.data.datamodule import (
+    ASRDataModule,
+    DataPositionTracker,
+    drop_long_targets,
+    load_train_utterances,
+    row_checks,
+)
+from qwen3asr_train.data.manifest import read_manifests
+from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
+from qwen3asr_train.losses import audio_ctc, target_token_ce
+from qwen3asr_train.model.builder import AsrModel, build_model
+from qwen3asr_train.training import build_optimizer, build_trainer
+
+log = logging.getLogger(__name__)
+
+MODEL_INIT_DIR = "model_init"
+"""Run-directory folder with the starting model's config and processor (export rebuilds from it)."""
+
+
+class SFTModule(L.LightningModule):
+    """Token cross-entropy over target tokens, normalised per optimizer step (module docstring)."""
+
+    def __init__(
+        self, model: AsrModel, recipe: SFTConfig, total_steps: int, pad_id: int, asr_text_id: int, im_end_id: int
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.total_steps = total_steps
+        self.pad_id = pad_id
+        self.asr_text_id = asr_text_id
+        self.im_end_id = im_end_id
+        self._window: dict[str, float] = {}
+        self._window_start = 0.0
+        self._global_tokens: tuple[int, int] | None = None  # (position key, global window tokens)
+        self._val: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ loss
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _global_window_tokens(self, batch: dict) -> int:
+        """Target tokens of this optimizer step summed over ranks (one all-reduce per window)."""
+        epoch, micro = batch["position"]
+        key = (epoch, micro - micro % max(batch["window_size"], 1))
+        if self._global_tokens is not None and self._global_tokens[0] == key:
+            return self._global_tokens[1]
+        total = torch.tensor(float(batch["window_target_tokens"]), device=self.device)
+        if dist.is_available() and dist.is_initialized() and self._world() > 1:
+            dist.all_reduce(total)
+        self._global_tokens = (key, int(total.item()))
+        return self._global_tokens[1]
+
+    def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
+        out = self.model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            input_features=batch["input_features"],
+            input_features_mask=batch["input_features_mask"],
+            use_cache=False,
+        )
+        ce_sum, n_tokens = target_token_ce(out.last_hidden_state, batch["labels"], self.model.lm_head)
+        sums = {"ce_sum": ce_sum, "n_tokens": n_tokens}
+        if self.recipe.ctc_weight > 0:
+            audio_lengths = (batch["input_ids"] == self.model.config.audio_token_id).sum(-1)  # (B,)
+            sums["ctc_sum"] = audio_ctc(
+                out.audio_hidden_states,
+                audio_lengths,
+                self._ctc_targets(batch["labels"]),
+                self.model.lm_head,
+                self.pad_id,
+            )
+        return sums
+
+    def _ctc_targets(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Transcript tokens of each row: the target after ``<asr_text>`` without the final ``<|im_end|>``."""
+        targets = []
+        for row in labels:
+            ids = row[row != -100]
+            hits = (ids == self.asr_text_id).nonzero()
+            if len(hits):
+                ids = ids[int(hits[0]) + 1 :]
+            targets.append(ids[ids != self.im_end_id])
+        return targets
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch["position"][1] % max(batch["window_size"], 1) == 0:
+            self._window = {"ce": 0.0, "ctc": 0.0, "tokens": 0.0, "audio": 0.0, "seq": 0.0, "real": 0.0, "skipped": 0.0}
+            self._window_start = time.perf_counter()
+        sums = self.forward_sums(batch)
+        n_window = self._global_window_tokens(batch)
+        # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both here so the
+        # gradient is sum(CE) / N_window exactly (module docstring).
+        scale = self.trainer.accumulate_grad_batches * self._world() / max(n_window, 1)
+        loss = sums["ce_sum"] * scale
+        if "ctc_sum" in sums:
+            loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale
+        w = self._window
+        w["ce"] += float(sums["ce_sum"].detach())
+        w["ctc"] += float(sums.get("ctc_sum", torch.zeros(())).detach())
+        w["tokens"] += float(sums["n_tokens"])
+        w["audio"] += batch["audio_seconds"]
+        w["seq"] += batch["attention_mask"].numel()
+        w["real"] += float(batch["attention_mask"].sum())
+        w["skipped"] += batch["skipped_audio"]
+        if (batch["position"][1] + 1) % max(batch["window_size"], 1) == 0 or self._is_last_batch():
+            self._log_window()
+        return loss
+
+    def _is_last_batch(self) -> bool:
+        return bool(self.trainer.is_last_batch) if self._trainer is not None else False
+
+    def _log_window(self) -> None:
+        w = dict(self._window)
+        stats = torch.tensor(
+            [w["ce"], w["ctc"], w["tokens"], w["audio"], w["seq"], w["real"], w["skipped"]],
+            device=self.device,
+            dtype=torch.float64,
+        )
+        if dist.is_available() and dist.is_initialized() and self._world() > 1:
+            dist.all_reduce(stats)
+        ce, ctc, tokens, audio, seq, real, skipped = stats.tolist()
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        metrics = {
+            "train/loss": ce / max(tokens, 1.0),
+            "train/target_tokens": tokens,
+            "train/tokens_per_s": real / elapsed,
+            "train/audio_s_per_s": audio / elapsed,
+            "train/padding_fraction": 1.0 - real / max(seq, 1.0),
+            "train/skipped_audio": skipped,
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        if self.recipe.ctc_weight > 0:
+            metrics["train/ctc_loss"] = ctc / max(tokens, 1.0)
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"], on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"ce": 0.0, "tokens": 0.0}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        sums = self.forward_sums(batch)
+        self._val["ce"] += float(sums["ce_sum"])
+        self._val["tokens"] += float(sums["n_tokens"])
+
+    def on_validation_epoch_end(self) -> None:
+        stats = torch.tensor([self._val["ce"], self._val["tokens"]], device=self.device, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and self._world() > 1:
+            dist.all_reduce(stats)
+        if stats[1] > 0:
+            self.log("val/loss", float(stats[0] / stats[1]), rank_zero_only=True)
+
+    # ------------------------------------------------------------------ optimizer, state
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self, self.recipe.optim, self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+def total_optimizer_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run (for the schedule): max_steps, or epochs × steps per epoch."""
+    if cfg.trainer.max_steps > 0:
+        return cfg.trainer.max_steps
+    per_epoch = -(-micro_batches_per_epoch // cfg.trainer.accumulate_grad_batches)
+    return max(1, per_epoch * int(cfg.trainer.max_epochs or 1))
+
+
+def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    """The resolved config, as YAML (``run.yaml``) and JSON (read by export)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    node = OmegaConf.structured(cfg)
+    OmegaConf.save(node, run_dir / "run.yaml", resolve=True)
+    (run_dir / "run.json").write_text(json.dumps(OmegaConf.to_container(node, resolve=True), indent=2) + "\n")
+
+
+def resolve_resume(recipe_resume: str | None, run_dir: Path) -> str | None:
+    """``last`` -> this run's ``checkpoints/last.ckpt`` (which must exist); a path as is."""
+    if recipe_resume is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if recipe_resume == "last" else Path(recipe_resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe.resume_from={recipe_resume!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Build everything from the config, train, and export. Returns paths of what was written."""
+    recipe: SFTConfig = cfg.recipe
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    save_run_config(cfg, run_dir)
+
+    train, hf = load_train_utterances(cfg.data)
+    valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row) if cfg.data.valid else []
+    model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
+    train = drop_long_targets(train, processor, cfg.data)
+    init_dir = run_dir / MODEL_INIT_DIR
+    model.config.save_pretrained(init_dir)
+    processor.save_pretrained(init_dir)
+
+    options = SFTOptions(
+        forced_language_prob=recipe.forced_language_prob,
+        context_prob=recipe.context_prob,
+        manifest_context_prob=recipe.manifest_context_prob,
+        hotwords_max=recipe.hotwords_max,
+        distractors_max=recipe.distractors_max,
+        no_speech_prob=recipe.no_speech_prob,
+        seed=cfg.seed,
+    )
+    datamodule = ASRDataModule(
+        cfg.data, processor, train, options, cfg.trainer.accumulate_grad_batches, cfg.seed, hf_dataset=hf, valid=valid
+    )
+    tok = processor.tokenizer
+    trainer = build_trainer(cfg, model, extra_callbacks=[DataPositionTracker()], validation=bool(valid))
+    per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
+    module = SFTModule(
+        model,
+        recipe,
+        total_optimizer_steps(cfg, per_rank_micro),
+        tok.pad_token_id,
+        tok.convert_tokens_to_ids(ASR_TEXT),
+        tok.convert_tokens_to_ids(IM_END),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
+
+    written: dict[str, Any] = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints")}
+    sharded = cfg.trainer.strategy not in {"auto", "ddp"}
+    if recipe.export_on_end and sharded and trainer.is_global_zero:
+        log.info(
+            "weights are sharded under %s: export with recipe=export recipe.checkpoint=%s",
+            cfg.trainer.strategy,
+            run_dir,
+        )
+    if recipe.export_on_end and not sharded and trainer.is_global_zero:
+        from qwen3asr_train.model.export import save_native
+
+        written["export"] = str(
+            save_native(model, processor, run_dir / "export", run_config=json.loads((run_dir / "run.json").read_text()))
+        )
+    if trainer.is_global_zero:
+        log.info("run directory: %s", run_dir)
+        for key, value in written.items():
+            log.info("  %s: %s", key, value)
+    return written

@@ -1,0 +1,183 @@
+"""Shared training plumbing: Trainer, strategies, logger, atomic checkpoints, optimizer and schedule.
+
+Why here and not in each stage: the distributed strategy, precision, checkpointing and logging must
+be identical for SFT, GSPO and the aligner; a stage only brings its LightningModule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``<name>.tmp-<pid>`` next to the target, fsyncs it, then ``os.replace``s it into place.
+
+    Why: Lightning's local save goes through an fsspec transaction whose temporary file lives in the
+    system temp directory and is *moved* (copied across filesystems) at commit, so a crash during the
+    copy leaves a truncated checkpoint. A same-directory rename is atomic: the target is either the old
+    complete file or the new complete file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not support storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _wrap_layers(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
+    """Audio-encoder and decoder layer classes (FSDP/activation-checkpointing units; never the embeddings,
+    so the tied embedding and head stay in the root unit)."""
+    names = set(getattr(model, "_no_split_modules", None) or []) | {"Qwen3ASRAudioEncoderLayer", "Qwen3DecoderLayer"}
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def build_strategy(cfg: TrainerConfig, model: torch.nn.Module) -> Any:
+    """Lightning strategy object for ``trainer.strategy``."""
+    if cfg.strategy == "auto":
+        return "auto"
+    if cfg.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False, checkpoint_io=AtomicCheckpointIO())
+    if cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        layers = _wrap_layers(model)
+        return FSDPStrategy(
+            auto_wrap_policy=layers,
+            sharding_strategy=cfg.fsdp_sharding,
+            state_dict_type="full",
+            checkpoint_io=AtomicCheckpointIO(),
+        )
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    stage = 2 if cfg.strategy == "deepspeed_zero2" else 3
+    return DeepSpeedStrategy(
+        stage=stage,
+        offload_optimizer=cfg.deepspeed_offload,
+        offload_parameters=cfg.deepspeed_offload and stage == 3,
+    )
+
+
+def build_logger(cfg: LoggerConfig, run_dir: Path) -> Any:
+    """csv (default, offline), tensorboard, wandb (offline unless asked) or none."""
+    name = cfg.run_name or run_dir.name
+    if cfg.name == "none":
+        return False
+    if cfg.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    if cfg.name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+    return WandbLogger(
+        project=cfg.project, name=name, save_dir=str(run_dir), offline=cfg.wandb_mode == "offline", mode=cfg.wandb_mode
+    )
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    extra_callbacks: list[L.Callback] = (),
+    automatic_optimization: bool = True,
+    validation: bool = True,
+) -> L.Trainer:
+    """The Lightning Trainer for a run: strategy, precision, atomic checkpoints every N steps, logger."""
+    t = cfg.trainer
+    run_dir = Path(cfg.run_dir)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step={step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_last=True,
+        save_top_k=t.save_top_k,
+        monitor="step",
+        mode="max",
+        save_on_train_epoch_end=True,
+    )
+    callbacks: list[L.Callback] = [checkpoint, *extra_callbacks]
+    logger = build_logger(cfg.logger, run_dir)
+    plugins = [AtomicCheckpointIO()] if t.strategy == "auto" else []
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(t, model),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs if t.max_steps <= 0 else None,
+        accumulate_grad_batches=t.accumulate_grad_batches if automatic_optimization else 1,
+        gradient_clip_val=(t.gradient_clip_val or None) if automatic_optimization else None,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if t.val_check_interval else 1,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if validation else 0,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=callbacks,
+        plugins=plugins,
+    )
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into decayed (matrices) and not decayed (biases, norms, 1-D)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak lr: linear warm-up, then cosine/linear decay to ``min_lr_ratio`` (or constant)."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def build_optimizer(module: L.LightningModule, cfg: OptimConfig, total_steps: int) -> dict[str, Any]:
+    """AdamW over trainable parameters + per-step LambdaLR (for ``configure_optimizers``)."""
+    optimizer = torch.optim.AdamW(
+        parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, cfg))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
