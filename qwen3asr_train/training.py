@@ -6,6 +6,7 @@ be identical for SFT, GSPO and the aligner; a stage only brings its LightningMod
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -15,11 +16,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global step stored in a Lightning checkpoint (memory-mapped: the tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,15 +91,50 @@ def build_strategy(cfg: TrainerConfig, model: torch.nn.Module) -> Any:
     )
 
 
-def build_logger(cfg: LoggerConfig, run_dir: Path) -> Any:
+class _AppendingCSVWriter(ExperimentWriter):
+    """Keeps the rows of an earlier (interrupted) run below the resume step instead of deleting the file."""
+
+    def __init__(self, log_dir: str, keep_below_step: int) -> None:
+        self._keep_below_step = keep_below_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < self._keep_below_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(fields)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that, when a run resumes from step k, keeps the earlier run's rows for steps < k."""
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:  # type: ignore[override]
+        if self._experiment is None and self._resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(self.log_dir, self._resume_step)
+        return super().experiment
+
+
+def build_logger(cfg: LoggerConfig, run_dir: Path, resume_step: int | None = None) -> Any:
     """csv (default, offline), tensorboard, wandb (offline unless asked) or none."""
     name = cfg.run_name or run_dir.name
     if cfg.name == "none":
         return False
     if cfg.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return ResumableCSVLogger(save_dir=str(run_dir), name="logs", version="", resume_step=resume_step)
     if cfg.name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -110,6 +153,7 @@ def build_trainer(
     extra_callbacks: list[L.Callback] = (),
     automatic_optimization: bool = True,
     validation: bool = True,
+    resume_step: int | None = None,
 ) -> L.Trainer:
     """The Lightning Trainer for a run: strategy, precision, atomic checkpoints every N steps, logger."""
     t = cfg.trainer
@@ -126,7 +170,7 @@ def build_trainer(
         save_on_train_epoch_end=True,
     )
     callbacks: list[L.Callback] = [checkpoint, *extra_callbacks]
-    logger = build_logger(cfg.logger, run_dir)
+    logger = build_logger(cfg.logger, run_dir, resume_step)
     plugins = [AtomicCheckpointIO()] if t.strategy == "auto" else []
     return L.Trainer(
         accelerator=t.accelerator,

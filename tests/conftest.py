@@ -51,8 +51,8 @@ def manifest_dir(tmp_path_factory) -> Path:
 
 
 def tiny_sft_overrides(manifest_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Overrides for a fast tiny SFT run on CPU."""
-    return [
+    """Overrides for a fast tiny SFT run on CPU (``extra`` entries replace defaults with the same key)."""
+    base = [
         "recipe=sft",
         "model=tiny",
         f"data.train={manifest_dir / 'train.jsonl'}",
@@ -64,5 +64,7 @@ def tiny_sft_overrides(manifest_dir: Path, run_dir: Path, *extra: str) -> list[s
         "trainer.enable_progress_bar=false",
         "recipe.optim.lr=1e-3",
         f"run_dir={run_dir}",
-        *extra,
     ]
+    merged = {o.split("=", 1)[0]: o for o in base}
+    merged.update({o.split("=", 1)[0]: o for o in extra})
+    return list(merged.values())

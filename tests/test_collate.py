@@ -46,14 +46,17 @@ def hand_target(text: str, forced: bool) -> str:
 @pytest.mark.parametrize("use_context", [False, True])
 def test_label_mask_matches_processor_and_hand_construction(tiny_model_and_processor, side, forced_prob, use_context):
     _, processor = tiny_model_and_processor
-    opts = SFTOptions(forced_language_prob=forced_prob, manifest_context_prob=1.0 if use_context else 0.0,
-                      padding_side=side)
+    opts = SFTOptions(
+        forced_language_prob=forced_prob, manifest_context_prob=1.0 if use_context else 0.0, padding_side=side
+    )
     collator = SFTCollator(processor, opts)
     batch = collator(samples())
     tok = processor.tokenizer
     ctxs = CONTEXTS if use_context else [""] * 4
     forced = forced_prob == 1.0
-    full = [hand_prompt(c, "English" if forced else None) + hand_target(t, forced) for c, t in zip(ctxs, TEXTS)]
+    full = [
+        hand_prompt(c, "English" if forced else None) + hand_target(t, forced) for c, t in zip(ctxs, TEXTS, strict=True)
+    ]
     audios = [s.audio for s in samples()]
 
     # 1) the processor's own tokenisation, audio expansion and padding give the same input ids and mask
@@ -96,8 +99,11 @@ def test_no_speech_rows_target_none(tiny_model_and_processor):
 
 def test_hotword_context_uses_transcript_words(tiny_model_and_processor):
     _, processor = tiny_model_and_processor
-    collator = SFTCollator(processor, SFTOptions(context_prob=1.0, manifest_context_prob=0.0, distractors_max=3),
-                           distractor_pool=["zulu", "yankee", "xray"])
+    collator = SFTCollator(
+        processor,
+        SFTOptions(context_prob=1.0, manifest_context_prob=0.0, distractors_max=3),
+        distractor_pool=["zulu", "yankee", "xray"],
+    )
     for s in samples():
         plan = collator.plan(s, epoch=0)
         words = plan.context.split(", ") if plan.context else []

@@ -42,10 +42,10 @@ def load_audio(
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     label = f"{name}{f' ({where})' if where else ''}"
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise AudioError(f"{label}: audio file not found")
     try:
         handle = sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-    except FileNotFoundError:
-        raise AudioError(f"{label}: audio file not found") from None
     except Exception as exc:
         raise AudioError(f"{label}: cannot decode audio ({exc})") from exc
     with handle:

@@ -73,6 +73,7 @@ class WindowedLoader:
     def __init__(self, loader: DataLoader, sampler: DurationWindowSampler) -> None:
         self.loader = loader
         self.sampler = sampler  # Lightning calls sampler.set_epoch at each epoch start
+        self.batch_sampler = None  # Lightning inspects it; batching happens in ``sampler``
 
     def __iter__(self) -> Iterator[dict]:
         for window_batches in self.loader:

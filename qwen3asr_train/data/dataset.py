@@ -125,6 +125,15 @@ def load_hf_source(cfg: HFDatasetConfig, checks: RowChecks, policy: str) -> tupl
             f"{cfg.path}: columns {ds.column_names} lack audio_column={cfg.audio_column!r} or "
             f"text_column={cfg.text_column!r} (set data.hf_train.*_column)"
         )
+    for key in ("language_column", "context_column", "id_column"):
+        column = getattr(cfg, key)
+        if column is not None and column not in ds.column_names:
+            raise ManifestError(
+                f"{cfg.path}: data.hf_train.{key}={column!r} is not a column of {ds.column_names}"
+                + (" (set language_column=null and data.hf_train.language=<name>)" if key == "language_column" else "")
+            )
+    if cfg.language_column is None and cfg.language is None:
+        raise ManifestError(f"{cfg.path}: set data.hf_train.language_column or data.hf_train.language")
     if isinstance(ds.features[cfg.audio_column], datasets.Audio):
         ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
     report = SkipReport()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -132,14 +133,27 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
         raise ManifestError(f"{where}: 'context'/'prompt' must be a string", "bad_context")
 
     label = row.get("language")
-    if label is None and ASR_TEXT in text:
+    if ASR_TEXT in text:
         prefix, text = text.split(ASR_TEXT, 1)
         if not prefix.startswith("language "):
             raise ManifestError(
                 f"{where}: upstream-format text must start with 'language <Name><asr_text>'", "bad_text"
             )
-        label = prefix[len("language ") :].strip()
-    no_speech = bool(row.get("no_speech", False)) or label == NO_SPEECH
+        prefixed = prefix[len("language ") :].strip()
+        if label is not None and str(label).strip().lower() != prefixed.lower():
+            try:
+                same = label == prefixed or checks.languages.resolve(str(label)) == checks.languages.resolve(prefixed)
+            except UnknownLanguageError:
+                same = False
+            if not same:
+                raise ManifestError(
+                    f"{where}: 'language' is {label!r} but the text's prefix says {prefixed!r}", "bad_text"
+                )
+        label = prefixed if label is None else label
+    flag = row.get("no_speech", False)
+    if not isinstance(flag, bool):
+        raise ManifestError(f"{where}: 'no_speech' must be true or false, got {flag!r}", "bad_no_speech")
+    no_speech = flag or label == NO_SPEECH
     language: str | None = None
     dialect: str | None = None
     if no_speech:
@@ -167,10 +181,13 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
                     "text_too_long",
                 )
 
-    path = Path(audio) if os.path.isabs(audio) or audio.startswith("hf://") else base_dir / audio
-    offset = float(row.get("offset", 0.0) or 0.0)
+    is_hf = audio.startswith("hf://")
+    path = Path(audio) if os.path.isabs(audio) or is_hf else base_dir / audio
+    offset = _number(row.get("offset", 0.0), "offset", where)
     duration = row.get("duration")
-    if checks.check_audio and not str(path).startswith("hf://"):
+    if duration is not None:
+        duration = _number(duration, "duration", where)
+    if checks.check_audio and not is_hf:
         if not path.is_file():
             raise ManifestError(f"{where}: audio file not found: {path}", "audio_missing")
         if duration is None:
@@ -181,7 +198,6 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
             duration = frames / rate - offset
     if duration is None:
         raise ManifestError(f"{where}: no 'duration' and the audio header was not read", "no_duration")
-    duration = float(duration)
     if offset < 0 or duration <= 0:
         raise ManifestError(f"{where}: bad segment (offset={offset}, duration={duration})", "bad_segment")
     if duration > checks.max_duration:
@@ -200,8 +216,8 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
     if row.get("words") is not None:
         words = _parse_words(row["words"], duration, where)
     return Utterance(
-        id=str(row.get("id", f"{Path(where.split(':')[0]).stem}-{index}")),
-        audio=str(path),
+        id=str(row["id"]) if row.get("id") is not None else where,
+        audio=audio if is_hf else str(path),
         duration=duration,
         text=text,
         language=language,
@@ -211,6 +227,17 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
         words=words,
         source=where,
     )
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    """A finite float from a manifest field, or a ManifestError naming the field."""
+    try:
+        number = float(0.0 if value is None else value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: '{key}' must be a number of seconds, got {value!r}", "bad_segment") from None
+    if not math.isfinite(number):
+        raise ManifestError(f"{where}: '{key}' must be finite, got {value!r}", "bad_segment")
+    return number
 
 
 def _parse_words(raw: Any, duration: float, where: str) -> list[AlignedWord]:
@@ -265,8 +292,11 @@ def read_manifest(
     return items
 
 
-def read_manifests(paths: Iterable[str | Path], checks: RowChecks, policy: str = "error") -> list[Utterance]:
+def read_manifests(
+    paths: str | Path | Iterable[str | Path], checks: RowChecks, policy: str = "error"
+) -> list[Utterance]:
     """Read several manifests; log (and return nothing silently) what the skip policy dropped."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
     report = SkipReport()
     items: list[Utterance] = []
     for path in paths:

@@ -7,7 +7,7 @@ micro-batches is trained on.
 
 Each epoch (seeded by ``seed`` and the epoch number, so every rank computes the same plan):
 
-1. sort utterances by duration and cut them into ``num_buckets`` equal-count buckets;
+1. group utterances into ``num_buckets`` duration buckets (edges at duration quantiles);
 2. shuffle inside each bucket and fill micro-batches greedily while ``count × longest ≤ max_seconds``
    (the padded audio seconds, which is what bounds memory) and ``count ≤ max_batch_size``;
 3. shuffle the micro-batch order, group consecutive micro-batches into windows;
@@ -22,6 +22,7 @@ are prefetched); ``load_state_dict`` makes the next ``iter`` start from there.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -73,16 +74,24 @@ class DurationWindowSampler:
         self._plan_cache: tuple[int, list[tuple[int, ...]]] | None = None
 
     # ------------------------------------------------------------------ planning
+    def buckets(self) -> list[list[int]]:
+        """Indices grouped by duration: bucket edges are duration quantiles, so equal durations share a bucket."""
+        order = sorted(range(len(self.durations)), key=lambda i: (self.durations[i], i))
+        sorted_d = [self.durations[i] for i in order]
+        edges = sorted({sorted_d[(k * len(order)) // self.num_buckets] for k in range(1, self.num_buckets)})
+        groups: list[list[int]] = [[] for _ in range(len(edges) + 1)]
+        for i in order:
+            groups[bisect.bisect_right(edges, self.durations[i])].append(i)
+        return [g for g in groups if g]
+
     def micro_batches(self, epoch: int) -> list[tuple[int, ...]]:
         """All ranks' micro-batches for ``epoch`` in training order (deterministic)."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = sorted(range(len(self.durations)), key=lambda i: (self.durations[i], i))
-        size = -(-len(order) // self.num_buckets)
         batches: list[tuple[int, ...]] = []
-        for start in range(0, len(order), size):
-            bucket = order[start : start + size]
+        for bucket in self.buckets():
+            bucket = list(bucket)
             if self.shuffle:
                 rng.shuffle(bucket)
             current: list[int] = []
@@ -140,7 +149,7 @@ class DurationWindowSampler:
             start = sum(1 for w in windows if w.first_micro + len(w.micro_batches) <= consumed)
             if start < len(windows) and windows[start].first_micro != consumed:
                 log.warning("resume point %d is inside a window; that window restarts from its start", consumed)
-        self._resume_from = None
+            self._resume_from = None
         yield from windows[start:]
 
     def __len__(self) -> int:

@@ -191,18 +191,20 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def native_to_original_config(
-    native: Mapping[str, Any], token_ids: Mapping[str, int], timestamp_segment_time: int = 80
+    native: Mapping[str, Any],
+    token_ids: Mapping[str, int],
+    num_labels: int | None = None,
+    timestamp_segment_time: int = 80,
 ) -> dict[str, Any]:
     """Build the nested original config (what qwen-asr 0.0.6 and vLLM read) from a native config dict.
 
-    ``token_ids`` needs ``audio_start``, ``audio_end`` and ``user``. The aligner keeps
+    ``token_ids`` needs ``audio_start``, ``audio_end`` and ``user``; ``num_labels`` is set for an
+    aligner (the head's class count) and ``None`` for an ASR model. The aligner keeps
     ``model_type=qwen3_forced_aligner`` and ``classify_num`` in ``thinker_config`` and
     ``timestamp_token_id`` / ``timestamp_segment_time`` at the top level (upstream's own config classes
     lose the aligner type when they save; we write it explicitly).
     """
-    aligner = int(native.get("num_labels", 0) or 0) > 2 or "ForTokenClassification" in " ".join(
-        native.get("architectures") or []
-    )
+    aligner = num_labels is not None
     audio = {k: v for k, v in native["audio_config"].items() if k in _AUDIO_FIELDS - {"max_position_embeddings"}}
     audio.update({"model_type": "qwen3_asr_audio_encoder", "max_source_positions": 1500, "conv_chunksize": 500})
     text_native = dict(native["text_config"])
@@ -238,7 +240,7 @@ def native_to_original_config(
         "support_languages": list(SUPPORTED_LANGUAGES),
     }
     if aligner:
-        thinker["classify_num"] = int(native["num_labels"])
+        thinker["classify_num"] = int(num_labels)
         text["tie_word_embeddings"] = False
         out["timestamp_token_id"] = native["timestamp_token_id"]
         out["timestamp_segment_time"] = timestamp_segment_time

@@ -127,7 +127,13 @@ def save_original(
         "audio_end": tok.convert_tokens_to_ids(AUDIO_END),
         "user": tok.encode("user", add_special_tokens=False)[0],
     }
-    config = native_to_original_config(native_cfg, token_ids, int(getattr(processor, "timestamp_segment_time", 80)))
+    aligner = not hasattr(model, "generate")
+    config = native_to_original_config(
+        native_cfg,
+        token_ids,
+        num_labels=int(model.config.num_labels) if aligner else None,
+        timestamp_segment_time=int(getattr(processor, "timestamp_segment_time", 80)),
+    )
     config["transformers_version"] = native_cfg.get("transformers_version")
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tied = bool(model.config.tie_word_embeddings) and hasattr(model, "lm_head")

@@ -37,7 +37,7 @@ from qwen3asr_train.data.manifest import read_manifests
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.training import build_optimizer, build_trainer
+from qwen3asr_train.training import build_optimizer, build_trainer, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,8 @@ def resolve_resume(recipe_resume: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Build everything from the config, train, and export. Returns paths of what was written."""
+def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFTModule, ASRDataModule, L.Trainer, Any]:
+    """Model, data and Trainer for a run (``run`` fits them; tests add callbacks here)."""
     recipe: SFTConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -245,9 +245,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     datamodule = ASRDataModule(
         cfg.data, processor, train, options, cfg.trainer.accumulate_grad_batches, cfg.seed, hf_dataset=hf, valid=valid
     )
-    tok = processor.tokenizer
-    trainer = build_trainer(cfg, model, extra_callbacks=[DataPositionTracker()], validation=bool(valid))
+    resume = resolve_resume(recipe.resume_from, run_dir)
+    trainer = build_trainer(
+        cfg,
+        model,
+        extra_callbacks=[DataPositionTracker(), *extra_callbacks],
+        validation=bool(valid),
+        resume_step=checkpoint_step(resume) if resume else None,
+    )
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
+    tok = processor.tokenizer
     module = SFTModule(
         model,
         recipe,
@@ -256,6 +263,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         tok.convert_tokens_to_ids(ASR_TEXT),
         tok.convert_tokens_to_ids(IM_END),
     )
+    return module, datamodule, trainer, processor
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Build everything from the config, train, and export. Returns paths of what was written."""
+    recipe: SFTConfig = cfg.recipe
+    run_dir = Path(cfg.run_dir)
+    module, datamodule, trainer, processor = prepare(cfg)
+    model = module.model
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
 
     written: dict[str, Any] = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints")}
