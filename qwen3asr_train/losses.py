@@ -63,3 +63,18 @@ def audio_ctc(
         reduction="sum",
         zero_infinity=True,
     )
+
+
+def timestamp_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed *non-shifted* cross-entropy over time-bin classes at ``<timestamp>`` slots, and the slot count.
+
+    The forced aligner predicts the time bin of a slot from the slot's own hidden state (label and output
+    at the same position, the paper's "causal training"); nothing is shifted, unlike the LM loss.
+
+    Args:
+        logits: ``(B, L, C)`` token-classification logits (C time bins of 80 ms).
+        labels: ``(B, L)`` time-bin class at slot positions, ``-100`` elsewhere.
+    """
+    mask = labels != IGNORE_INDEX  # (B, L)
+    picked = logits[mask].float()  # (S, C)
+    return F.cross_entropy(picked, labels[mask], reduction="sum"), mask.sum()

@@ -420,7 +420,76 @@ class ExportConfig:
         _require(self.dtype in {"float32", "bfloat16"}, "recipe.dtype", "must be float32|bfloat16")
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "export": ExportConfig}
+@dataclass
+class DecodeConfig:
+    """Decoding for evaluation (see ``eval/decode.py``)."""
+
+    max_batch_seconds: float = 240.0
+    """Padded audio seconds per decoding batch."""
+    max_batch_size: int = 32
+    """Utterances per decoding batch."""
+    num_beams: int = 1
+    """1 = greedy, > 1 = beam search."""
+    tokens_per_second: float = 8.0
+    """Generation budget per second of audio (bounds runaway loops)."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound."""
+    forced_language: bool = False
+    """Prefill ``language X<asr_text>`` with the reference language."""
+    use_context: bool = True
+    """Use the manifest's context in the system turn."""
+
+    def validate(self) -> None:
+        _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
+        _require(self.tokens_per_second > 0, "decode.tokens_per_second", "must be positive")
+
+
+@dataclass
+class EvalHookConfig:
+    """Decode named validation sets during training and log WER/CER, LID accuracy, S/D/I (every stage)."""
+
+    sets: dict[str, str] = field(default_factory=dict)
+    """Set name -> manifest path, e.g. ``evaluation.sets.dev=dev.jsonl`` (empty: the hook is off)."""
+    every_n_steps: int = 0
+    """Decode every N optimizer steps (0: only at the end of training)."""
+    at_end: bool = True
+    """Also decode when training ends."""
+    max_utterances: int = 0
+    """Decode at most this many utterances per set (0: all)."""
+    monitor: str | None = None
+    """Metric key to track the best checkpoint by (e.g. ``val/dev/wer``); None: no best-checkpoint tracking."""
+    monitor_mode: str = "min"
+    """``min`` or ``max`` for ``monitor``."""
+    samples_to_log: int = 3
+    """Reference/hypothesis pairs logged per set (text logs; tables on wandb)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding options."""
+
+    def validate(self) -> None:
+        _require(self.every_n_steps >= 0, "evaluation.every_n_steps", "must be >= 0")
+        _require(self.monitor_mode in {"min", "max"}, "evaluation.monitor_mode", "must be min|max")
+
+
+@dataclass
+class EvalConfig:
+    """``recipe=eval``: decode and score a checkpoint on one or more manifests."""
+
+    name: str = "eval"
+    """Recipe name (selects the stage)."""
+    model_path: str = MISSING
+    """An exported model directory (native or original layout), a ``.ckpt`` file or a training run directory."""
+    sets: dict[str, str] = field(default_factory=dict)
+    """Set name -> manifest path (``recipe.sets.test=test.jsonl``)."""
+    output_dir: str | None = None
+    """Where artifacts go (default: the run directory)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding options."""
+
+    def validate(self) -> None:
+        _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. recipe.sets.test=test.jsonl")
+
+
+RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "export": ExportConfig, "eval": EvalConfig}
 """Recipe name -> its schema."""
 
 TRAINING_RECIPES: frozenset[str] = frozenset({"sft"})
@@ -441,6 +510,8 @@ class RunConfig:
     """Metric logger."""
     recipe: Any = None
     """Stage settings (schema chosen by ``recipe.name``)."""
+    evaluation: EvalHookConfig = field(default_factory=EvalHookConfig)
+    """Periodic decoding of validation sets during training."""
     seed: int = 1234
     """Seed for weights, shuffling and augmentation choices."""
     run_dir: str = "outputs/run"

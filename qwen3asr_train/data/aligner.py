@@ -1,0 +1,319 @@
+"""Forced-aligner training data: time classes, word-unit checks, long-form concatenation, and the collator.
+
+Batch schema (one micro-batch; ``B`` rows, ``L`` tokens, ``T`` mel frames, a multiple of 100)::
+
+    input_ids             (B, L)      long   audio slot (pad expanded) + words + <timestamp> slots, padded
+    attention_mask        (B, L)      long   1 on real tokens
+    labels                (B, L)      long   time class of the slot at <timestamp> positions, -100 elsewhere
+                                             (NOT shifted: the slot's own logits predict its class)
+    input_features        (B, 128, T) float  log-mel (same feature-extractor call as SFT and inference)
+    input_features_mask   (B, T)      long   1 on valid frames
+    num_slots             int                labelled slots in this micro-batch (the loss normaliser)
+    slotted_words         list[list[tuple[str, float, float]]]  per row, (word, start s, end s) of the
+                                             reference words that got slots, in slot order (slot 2k = start,
+                                             2k+1 = end of word k) — for evaluation. Plain tuples, not
+                                             AlignedWord: Lightning's batch transfer rejects frozen dataclasses
+    ids, languages        list[str]          utterance ids and languages (per-language alignment scores)
+    audio_seconds         float              unpadded audio in the batch
+
+Why the string is built like inference: the aligner sees ``<|audio_start|><|audio_pad|><|audio_end|>``
+followed by the words concatenated *without spaces*, each timed word followed by its start and end
+``<timestamp>`` (:func:`qwen3asr_train.data.prompts.aligner_input`). We tokenise that whole string exactly
+as the transformers processor does and only then expand the audio pad, so with every word slotted the
+ids equal ``processor(text=[aligner_input(words)], audio=...)`` (tested).
+
+Why dynamic slot insertion: the paper trains with slots inserted at random words so that, at inference,
+slots can be placed anywhere (every word, every sentence, ...). Each word gets its pair of slots with
+probability ``slot_prob``, drawn from an RNG of (seed, epoch, dataset index) so a resumed run repeats the
+same draws; evaluation uses ``slot_prob=1.0`` (every word slotted, like inference).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
+from qwen3asr_train.data.collate import IGNORE_INDEX, row_rng
+from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.manifest import AlignedWord, Utterance
+from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
+from qwen3asr_train.data.word_units import split_words
+from qwen3asr_train.languages import CER_LANGUAGES
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MS = 80.0
+"""Milliseconds per time class (``timestamp_segment_time`` of the released aligner)."""
+
+
+def max_addressable_seconds(num_classes: int, segment_ms: float = SEGMENT_MS) -> float:
+    """Longest audio whose times the classes can express (5000 classes x 80 ms = 400 s)."""
+    return num_classes * segment_ms / 1000.0
+
+
+def time_to_class(seconds: float, segment_ms: float = SEGMENT_MS, *, num_classes: int) -> int:
+    """The time class of ``seconds``: round-half-up of ``t / segment_ms``, clipped to ``num_classes - 1``.
+
+    Why round (nearest bin) and not floor: decoding maps class ``c`` to ``c x 80 ms`` (upstream ``align``).
+    With rounding, class ``c`` holds the times in ``[c x 80 - 40, c x 80 + 40)`` ms, so the decoded value is
+    the centre of its bin and the expected |error| of a perfect classifier is 20 ms (the quantisation floor)
+    with no bias. With floor, class ``c`` holds ``[c x 80, c x 80 + 80)``: every prediction would be early by
+    40 ms on average. Times in the last half bin (or beyond) clip to the last class.
+    """
+    if seconds < 0:
+        raise ValueError(f"negative time {seconds} s")
+    ms = round(seconds * 1000.0, 6)  # 0.12 * 1000 = 120.00000000000001: drop float noise before rounding
+    return min(math.floor(ms / segment_ms + 0.5), num_classes - 1)
+
+
+def check_word_units(utt: Utterance, language: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``utt.words`` are exactly ``split_words(utt.text, language)``.
+
+    Why: the aligner must be trained on the units inference will cut the same text into; a unit inference
+    never produces (``"don't"`` vs ``"dont"``, ``"你好"`` vs ``"你"``, ``"好"``) teaches slots it never sees.
+    ``language`` defaults to the utterance's language.
+    """
+    if utt.words is None:
+        raise ValueError(f"{utt.source or utt.id}: utterance {utt.id!r} has no word times ('words')")
+    expected = split_words(utt.text, language if language is not None else utt.language)
+    got = [w.word for w in utt.words]
+    if got != expected:
+        first = next(
+            (k for k, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected))
+        )
+        raise ValueError(
+            f"{utt.source or utt.id}: word units of {utt.id!r} differ from split_words(text) at unit {first}: "
+            f"manifest {got[first : first + 3]} vs text {expected[first : first + 3]} ({len(got)} vs {len(expected)} "
+            f"units); re-cut the word times with data/textgrid.py or fix the transcript"
+        )
+
+
+def _join_texts(text: str, units: list[str], right: Utterance, language: str | None) -> str | None:
+    """``text`` (whose units are ``units``) joined with ``right.text`` so that the units concatenate;
+    ``None`` when no separator keeps them.
+
+    Character languages are tried without a separator first (a space in Chinese text is unnatural), then
+    with one; space-delimited languages only with a space. The check is ``split_words`` on the whole
+    joined text, so a Japanese/Korean tokenizer that would merge across the seam is caught.
+    """
+    assert right.words is not None
+    expected = units + [w.word for w in right.words]
+    for sep in ("", " ") if language in CER_LANGUAGES else (" ",):
+        joined = text.rstrip() + sep + right.text.lstrip()
+        if split_words(joined, language) == expected:
+            return joined
+    return None
+
+
+def _merge(group: list[Sample], text: str, gap: np.ndarray) -> Sample:
+    """One sample from consecutive samples: audio with ``gap`` between pieces, word times shifted."""
+    if len(group) == 1:
+        return group[0]
+    pieces: list[np.ndarray] = []
+    words: list[AlignedWord] = []
+    offset = 0  # samples before the current piece
+    for k, sample in enumerate(group):
+        if k:
+            pieces.append(gap)
+            offset += gap.size
+        assert sample.utt.words is not None
+        shift = offset / SAMPLE_RATE
+        words.extend(AlignedWord(w.word, w.start + shift, w.end + shift) for w in sample.utt.words)
+        pieces.append(sample.audio)
+        offset += sample.audio.size
+    audio = np.concatenate(pieces).astype(np.float32)  # (N,)
+    ids = [s.utt.id for s in group]
+    dialects = {s.utt.dialect for s in group}
+    utt = replace(
+        group[0].utt,
+        id=f"concat-{zlib.crc32('|'.join(ids).encode()):08x}-{ids[0]}-n{len(ids)}",
+        audio="<concatenated>",  # not a file: fails loudly if someone tries to reload it
+        duration=audio.size / SAMPLE_RATE,
+        text=text,
+        words=words,
+        offset=0.0,
+        context="",
+        dialect=dialects.pop() if len(dialects) == 1 else None,
+        source=f"concatenation of {len(ids)} utterances ({group[0].utt.source} .. {group[-1].utt.source})",
+    )
+    return Sample(utt, audio, group[0].index)
+
+
+def concat_utterances(
+    samples: Sequence[Sample],
+    max_seconds: float,
+    gap_seconds: float = 0.0,
+    *,
+    num_classes: int,
+    segment_ms: float = SEGMENT_MS,
+) -> list[Sample]:
+    """Greedily concatenate consecutive samples into long-form training items of at most ``max_seconds``.
+
+    Why: the aligner must time words minutes into a clip (upstream aligns chunks of up to 180 s), but
+    corpora are mostly short utterances; concatenation makes long inputs with exact word times. A sample
+    joins the current group when its language matches, the joined text still splits into the concatenated
+    units (see :func:`_join_texts`), and the group's audio (plus ``gap_seconds`` of silence between pieces)
+    stays within ``max_seconds``. Concatenation never makes an item exceed ``max_seconds``; an input that
+    is already longer is passed through alone (logged). The new sample keeps the first piece's dataset
+    index (groups are disjoint, so indices stay unique for the slot RNG) and gets a new id.
+
+    Raises:
+        ValueError: an input longer than the classes can address (``num_classes x segment_ms``), or
+            ``max_seconds`` itself beyond that, or an input without word times or with mismatching units.
+    """
+    limit = max_addressable_seconds(num_classes, segment_ms)
+    if max_seconds > limit:
+        raise ValueError(f"max_seconds={max_seconds} exceeds the {limit:g} s that {num_classes} classes address")
+    gap = np.zeros(int(round(gap_seconds * SAMPLE_RATE)), dtype=np.float32)
+    out: list[Sample] = []
+    group: list[Sample] = []
+    text, units, length = "", [], 0  # the group's joined text, its units, its samples (gaps included)
+    for sample in samples:
+        utt = sample.utt
+        seconds = sample.audio.size / SAMPLE_RATE
+        if seconds > limit:
+            raise ValueError(
+                f"{utt.source or utt.id}: {seconds:.2f} s of audio exceeds the {limit:g} s that "
+                f"{num_classes} time classes of {segment_ms:g} ms can address"
+            )
+        check_word_units(utt)
+        assert utt.words is not None
+        if group and utt.language == group[0].utt.language:
+            if length + gap.size + sample.audio.size <= max_seconds * SAMPLE_RATE:
+                joined = _join_texts(text, units, utt, utt.language)
+                if joined is not None:
+                    group.append(sample)
+                    text, units = joined, units + [w.word for w in utt.words]
+                    length += gap.size + sample.audio.size
+                    continue
+        if group:
+            out.append(_merge(group, text, gap))
+        if seconds > max_seconds:
+            log.warning("%s: %.2f s is longer than max_seconds=%g; kept alone", utt.id, seconds, max_seconds)
+        group, text, units, length = [sample], utt.text, [w.word for w in utt.words], sample.audio.size
+    if group:
+        out.append(_merge(group, text, gap))
+    log.info("concatenated %d utterances into %d items of <= %g s", len(samples), len(out), max_seconds)
+    return out
+
+
+class AlignerCollator:
+    """Turns decoded samples with word times into aligner micro-batches (schema in the module docstring)."""
+
+    def __init__(
+        self,
+        processor: Qwen3ASRProcessor,
+        num_classes: int,
+        slot_prob: float,
+        seed: int,
+        segment_ms: float = SEGMENT_MS,
+        padding_side: str = "left",
+        check_units: bool = True,
+    ) -> None:
+        if not 0.0 <= slot_prob <= 1.0:
+            raise ValueError(f"slot_prob must be in [0, 1], got {slot_prob}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be left|right, got {padding_side!r}")
+        self.tokenizer = processor.tokenizer
+        self.feature_extractor = processor.feature_extractor
+        self.num_classes = num_classes
+        self.slot_prob = slot_prob
+        self.seed = seed
+        self.segment_ms = segment_ms
+        self.padding_side = padding_side
+        self.check_units = check_units
+        self.audio_pad_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PAD)
+        self.timestamp_id = self.tokenizer.convert_tokens_to_ids(TIMESTAMP)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None or self.pad_id == self.timestamp_id:
+            raise ValueError("the tokenizer needs a pad token distinct from <timestamp>")
+        self.max_seconds = max_addressable_seconds(num_classes, segment_ms)
+
+    def slots(self, sample: Sample, epoch: int) -> list[bool]:
+        """Which words get their two slots this epoch: each with ``slot_prob``, at least one per sample.
+
+        The draw depends only on (seed, epoch, dataset index), so it changes from epoch to epoch and a
+        resumed run repeats it. ``rng.random() < 1.0`` always holds, so ``slot_prob=1`` slots every word.
+        """
+        n = len(sample.utt.words or [])
+        if n == 0:
+            raise ValueError(f"{sample.utt.source or sample.utt.id}: no words to align")
+        rng = row_rng(self.seed, epoch, sample.index)
+        slotted = [rng.random() < self.slot_prob for _ in range(n)]
+        if not any(slotted):
+            slotted[rng.randrange(n)] = True
+        return slotted
+
+    def row(self, sample: Sample, slotted: list[bool], n_audio: int) -> tuple[list[int], list[int], list[AlignedWord]]:
+        """(ids with the audio pad expanded to ``n_audio``, labels, the slotted reference words)."""
+        words = sample.utt.words or []
+        ids = self.tokenizer.encode(aligner_input([w.word for w in words], slotted), add_special_tokens=False)
+        if ids.count(self.audio_pad_id) != 1:
+            raise ValueError(f"{sample.utt.id}: expected one audio placeholder in the aligner input")
+        k = ids.index(self.audio_pad_id)
+        ids = ids[:k] + [self.audio_pad_id] * n_audio + ids[k + 1 :]
+        timed = [w for w, s in zip(words, slotted, strict=True) if s]
+        positions = [i for i, t in enumerate(ids) if t == self.timestamp_id]
+        if len(positions) != 2 * len(timed):
+            raise ValueError(f"{sample.utt.id}: {len(positions)} <timestamp> tokens for {len(timed)} slotted words")
+        labels = [IGNORE_INDEX] * len(ids)
+        for j, pos in enumerate(positions):  # slot 2k = start of word k, 2k+1 = its end
+            word = timed[j // 2]
+            labels[pos] = time_to_class(
+                word.end if j % 2 else word.start, self.segment_ms, num_classes=self.num_classes
+            )
+        return ids, labels, timed
+
+    def __call__(self, samples: Sequence[Sample], epoch: int = 0) -> dict:
+        if not samples:
+            raise ValueError("empty micro-batch")
+        for s in samples:
+            if s.audio.size / SAMPLE_RATE > self.max_seconds:
+                raise ValueError(
+                    f"{s.utt.source or s.utt.id}: {s.audio.size / SAMPLE_RATE:.2f} s exceeds the {self.max_seconds:g} s "
+                    f"that {self.num_classes} classes address"
+                )
+            if self.check_units:
+                check_word_units(s.utt)
+        feats = self.feature_extractor(
+            [s.audio for s in samples],
+            sampling_rate=SAMPLE_RATE,
+            padding=True,
+            truncation=False,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        frames = feats["attention_mask"].sum(-1).tolist()  # (B,) valid mel frames
+        rows = [
+            self.row(s, self.slots(s, epoch), audio_tokens_for_frames(int(f)))
+            for s, f in zip(samples, frames, strict=True)
+        ]
+        length = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
+        for i, (ids, labs, _) in enumerate(rows):
+            start = length - len(ids) if self.padding_side == "left" else 0
+            input_ids[i, start : start + len(ids)] = torch.tensor(ids)
+            labels[i, start : start + len(ids)] = torch.tensor(labs)
+            attention[i, start : start + len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "input_features": feats["input_features"],
+            "input_features_mask": feats["attention_mask"].long(),
+            "num_slots": int((labels != IGNORE_INDEX).sum()),
+            "slotted_words": [[(w.word, w.start, w.end) for w in timed] for _, _, timed in rows],
+            "ids": [s.utt.id for s in samples],
+            "languages": [s.utt.language for s in samples],
+            "audio_seconds": float(sum(s.audio.size for s in samples) / SAMPLE_RATE),
+        }

@@ -1,0 +1,294 @@
+"""Forced-aligner evaluation: slot decoding, accumulated average shift (AAS), writers, and model-free baselines.
+
+Decoding is upstream's (``qwen_asr`` ``align`` = transformers ``decode_forced_alignment``): argmax class at
+each ``<timestamp>`` slot, times ``segment_ms``, then the monotonic repair ``_fix_timestamps`` (imported
+from transformers, not copied, so a fix there reaches us). Scores follow the paper: AAS = mean
+|pred - ref| in ms over all boundaries (every slotted word's start and end).
+
+Why baselines live here: on clean, silence-padded synthetic speech, spreading the words over the region
+where the energy is high already scores ~80 ms (learnability.md). An aligner number means something only
+next to :func:`energy_baseline` and :func:`uniform_baseline` on the same set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.models.qwen3_asr.processing_qwen3_asr import _fix_timestamps
+
+from qwen3asr_train.data.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+Span = tuple[float, float]
+"""``(start, end)`` of one word in seconds."""
+
+THRESHOLDS_MS: tuple[float, ...] = (20.0, 50.0, 100.0)
+
+
+def decode_slots(
+    logits: torch.Tensor, input_ids: torch.Tensor, timestamp_token_id: int, segment_ms: float = 80.0
+) -> list[list[float]]:
+    """Seconds at each ``<timestamp>`` slot of each row, in slot order, after upstream's monotonic repair.
+
+    Args:
+        logits: ``(B, L, C)`` token-classification logits.
+        input_ids: ``(B, L)`` the ids the logits were computed from (any padding side).
+        timestamp_token_id: id of ``<timestamp>`` (read it from the tokenizer or ``model.config``).
+        segment_ms: milliseconds per class.
+
+    Returns the values rounded to the millisecond as upstream does (``round(ms / 1000, 3)``); a row without
+    slots gives ``[]`` (``_fix_timestamps`` itself fails on an empty row).
+    """
+    pred = logits.argmax(-1)  # (B, L)
+    out: list[list[float]] = []
+    for row in range(pred.shape[0]):
+        classes = pred[row][input_ids[row] == timestamp_token_id]  # (S,)
+        if classes.numel() == 0:
+            out.append([])
+            continue
+        ms = (classes.float() * segment_ms).cpu().numpy()  # (S,)
+        out.append([round(v / 1000.0, 3) for v in _fix_timestamps(ms)])
+    return out
+
+
+def slots_to_spans(seconds: Sequence[float]) -> list[Span]:
+    """Pair slot values as (start, end) per word: slot 2k is word k's start, 2k+1 its end."""
+    if len(seconds) % 2:
+        raise ValueError(f"odd number of slots ({len(seconds)})")
+    return [(seconds[i], seconds[i + 1]) for i in range(0, len(seconds), 2)]
+
+
+def boundary_errors_ms(pred: Sequence[Span], ref: Sequence[Span]) -> np.ndarray:
+    """``(2W,)`` |pred - ref| in ms over every start and end (rounded to 1e-6 ms so 50 ms stays 50 ms)."""
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predicted spans for {len(ref)} reference spans")
+    diff = np.abs(np.asarray(pred, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).reshape(-1) * 1000.0
+    return np.round(diff, 6)
+
+
+@dataclass
+class _Group:
+    errors: list[np.ndarray] = field(default_factory=list)
+    words: int = 0
+    utterances: int = 0
+
+
+@dataclass
+class AlignmentStats:
+    """Accumulates boundary errors per (set, language) and keeps per-utterance records.
+
+    ``summary()`` gives, per set and language (and ``"all"`` languages of a set, micro-averaged):
+    ``aas_ms`` (mean |pred - ref|), ``median_ms``, ``within_{X}ms`` (share of boundaries with error <= X),
+    and the counts. Errors are kept (8 bytes per boundary) so medians are exact.
+    """
+
+    thresholds_ms: tuple[float, ...] = THRESHOLDS_MS
+    records: list[dict[str, Any]] = field(default_factory=list)
+    _groups: dict[tuple[str, str], _Group] = field(default_factory=lambda: defaultdict(_Group))
+
+    def add(
+        self,
+        utt_id: str,
+        words: Sequence[str],
+        pred: Sequence[Span],
+        ref: Sequence[Span],
+        set_name: str = "eval",
+        language: str | None = None,
+    ) -> float:
+        """Score one utterance; returns its AAS in ms."""
+        if len(words) != len(pred):
+            raise ValueError(f"{utt_id}: {len(words)} words for {len(pred)} predicted spans")
+        errors = boundary_errors_ms(pred, ref)  # (2W,)
+        group = self._groups[(set_name, language or "None")]
+        group.errors.append(errors)
+        group.words += len(words)
+        group.utterances += 1
+        aas = float(errors.mean()) if errors.size else 0.0
+        self.records.append(
+            {
+                "id": utt_id,
+                "set": set_name,
+                "language": language,
+                "aas_ms": round(aas, 3),
+                "words": [
+                    {"word": w, "start": p[0], "end": p[1], "ref_start": r[0], "ref_end": r[1]}
+                    for w, p, r in zip(words, pred, ref, strict=True)
+                ],
+            }
+        )
+        return aas
+
+    def _scores(self, groups: Sequence[_Group]) -> dict[str, float | int]:
+        errors = np.concatenate([e for g in groups for e in g.errors]) if groups else np.zeros(0)
+        scores: dict[str, float | int] = {
+            "aas_ms": float(errors.mean()) if errors.size else float("nan"),
+            "median_ms": float(np.median(errors)) if errors.size else float("nan"),
+        }
+        for x in self.thresholds_ms:
+            scores[f"within_{x:g}ms"] = float((errors <= x).mean()) if errors.size else float("nan")
+        scores.update(
+            boundaries=int(errors.size),
+            words=sum(g.words for g in groups),
+            utterances=sum(g.utterances for g in groups),
+        )
+        return scores
+
+    def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
+        """``{set: {language | "all": scores}}`` (see the class docstring)."""
+        out: dict[str, dict[str, dict[str, float | int]]] = {}
+        for set_name in sorted({s for s, _ in self._groups}):
+            langs = sorted(lang for s, lang in self._groups if s == set_name)
+            out[set_name] = {lang: self._scores([self._groups[(set_name, lang)]]) for lang in langs}
+            out[set_name]["all"] = self._scores([self._groups[(set_name, lang)] for lang in langs])
+        return out
+
+
+# --------------------------------------------------------------------------------------------- writers
+
+
+def write_alignments_json(path: str | Path, stats: AlignmentStats) -> Path:
+    """``{"summary": ..., "utterances": [per-utterance records]}`` as UTF-8 JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"summary": stats.summary(), "utterances": stats.records}
+    path.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _tier_entries(words: Sequence[str], spans: Sequence[Span], min_ms: float = 1.0) -> list[tuple[float, float, str]]:
+    """Intervals Praat accepts: no empty or overlapping ones.
+
+    Why the nudge: the aligner often puts a short word's start and end in the same 80 ms bin (zero length),
+    and reference times may overlap by a millisecond; Praat (and praatio) reject both. An empty interval is
+    widened to ``min_ms`` and later starts are pushed past earlier ends. The JSON keeps the exact values.
+    """
+    entries = []
+    last_end = 0.0
+    for word, (start, end) in zip(words, spans, strict=True):
+        start = max(start, last_end)
+        end = max(end, start + min_ms / 1000.0)
+        entries.append((start, end, word))
+        last_end = end
+    return entries
+
+
+def write_textgrid(
+    path: str | Path,
+    words: Sequence[str],
+    pred: Sequence[Span],
+    duration: float,
+    ref: Sequence[Span] | None = None,
+) -> Path:
+    """A Praat TextGrid with a ``words`` interval tier (predicted) and, if given, a ``reference`` tier."""
+    from praatio import textgrid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tiers = [("words", _tier_entries(words, pred))]
+    if ref is not None:
+        tiers.append(("reference", _tier_entries(words, ref)))
+    end = max([duration] + [e for _, entries in tiers for _, e, _ in entries])
+    grid = textgrid.Textgrid()
+    for name, entries in tiers:
+        grid.addTier(textgrid.IntervalTier(name, entries, 0.0, end))
+    grid.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+    return path
+
+
+def plot_alignment(
+    path: str | Path,
+    audio: np.ndarray,
+    words: Sequence[str],
+    pred: Sequence[Span],
+    ref: Sequence[Span] | None = None,
+    title: str = "",
+    sample_rate: int = SAMPLE_RATE,
+) -> Path:
+    """PNG of the waveform with reference (green, solid) and predicted (red, dashed) word boundaries.
+
+    Uses a bare ``Figure`` with the Agg canvas, so no GUI backend or global pyplot state is touched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(max(6.0, len(audio) / sample_rate * 2.0), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.arange(len(audio)) / sample_rate, audio, color="0.6", linewidth=0.5)
+    top = float(np.abs(audio).max()) if len(audio) else 1.0
+    for spans, color, style, y in ((ref, "tab:green", "-", 1.07), (pred, "tab:red", "--", -1.07)):
+        if spans is None:
+            continue
+        for word, (start, end) in zip(words, spans, strict=True):
+            ax.axvline(start, color=color, linestyle=style, linewidth=0.8)
+            ax.axvline(end, color=color, linestyle=style, linewidth=0.8, alpha=0.5)
+            ax.text((start + end) / 2, y * top, word, color=color, ha="center", va="center", fontsize=7)
+    ax.set_ylim(-1.15 * top, 1.15 * top)  # word labels above (reference) and below (predicted) the waveform
+    ax.set_xlabel("seconds")
+    ax.set_title(title or "reference (green) vs predicted (red) word boundaries", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+
+def _spread(words: Sequence[str], start: float, end: float) -> list[Span]:
+    """Contiguous spans over [start, end], each proportional to its word's character count."""
+    weights = np.array([max(len(w), 1) for w in words], dtype=np.float64)
+    edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    return [(float(edges[i]), float(edges[i + 1])) for i in range(len(words))]
+
+
+def uniform_baseline(audio: np.ndarray, words: Sequence[str], sample_rate: int = SAMPLE_RATE) -> list[Span]:
+    """Words spread over the whole clip in proportion to their character counts (no model, no signal)."""
+    return _spread(words, 0.0, len(audio) / sample_rate) if words else []
+
+
+def speech_region(
+    audio: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    frame_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    rel_db: float = -40.0,
+) -> Span | None:
+    """``(first, last)`` centre (s) of the frames whose energy is above the threshold; ``None`` for silence.
+
+    The threshold is ``rel_db`` below the loudest frame, but at least 6 dB above the noise floor (10th
+    percentile frame) when the clip is noisy, so steady noise is not taken for speech.
+    """
+    frame, hop = int(sample_rate * frame_ms / 1000), int(sample_rate * hop_ms / 1000)
+    if len(audio) < frame:
+        return None
+    starts = np.arange(0, len(audio) - frame + 1, hop)  # (F,)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(audio, np.float64), frame)[starts]  # (F, frame)
+    db = 10 * np.log10(np.mean(windows**2, axis=1) + 1e-12)  # (F,)
+    peak, floor = float(db.max()), float(np.percentile(db, 10))
+    if peak < -100:  # digital silence
+        return None
+    threshold = min(max(peak + rel_db, floor + 6.0), peak - 6.0)
+    active = np.flatnonzero(db > threshold)
+    centre = frame / 2  # an onset lies somewhere in the first active frame: its centre is the unbiased guess
+    return float((starts[active[0]] + centre) / sample_rate), float((starts[active[-1]] + centre) / sample_rate)
+
+
+def energy_baseline(audio: np.ndarray, words: Sequence[str], sample_rate: int = SAMPLE_RATE) -> list[Span]:
+    """Words spread over the energy-detected speech region by character count (whole clip if none)."""
+    if not words:
+        return []
+    region = speech_region(audio, sample_rate)
+    if region is None:
+        return uniform_baseline(audio, words, sample_rate)
+    return _spread(words, *region)

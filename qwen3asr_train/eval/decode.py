@@ -1,0 +1,159 @@
+"""Batched decoding for evaluation: left-padded prompts, KV-cached greedy (or beam) generation.
+
+Why our own loop rather than a pipeline: evaluation must use exactly the training prompt format
+(:mod:`qwen3asr_train.data.prompts`), bound ``max_new_tokens`` by the audio duration (a looping model
+must not decode 4,096 tokens per clip), report whether a hypothesis was truncated, and shard the work
+across ranks with the same result as one process. Hypotheses are returned *raw* (``language X<asr_text>
+text``); scoring parses them without repairing repetitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.data.audio import SAMPLE_RATE
+from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode."""
+
+    max_batch_seconds: float = 240.0
+    """Padded audio seconds per decoding batch."""
+    max_batch_size: int = 32
+    """Utterances per decoding batch."""
+    num_beams: int = 1
+    """1 = greedy; > 1 = beam search."""
+    tokens_per_second: float = 8.0
+    """``max_new_tokens = ceil(tokens_per_second × longest clip) + min_new_tokens`` (per batch)."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound (language prefix, end token, very short clips)."""
+    max_new_tokens_cap: int = 4096
+    """Hard upper bound on generated tokens."""
+    forced_language: bool = False
+    """Prefill ``language X<asr_text>`` with the reference language (the model then writes only the text)."""
+    use_context: bool = True
+    """Put the manifest's ``context`` into the system turn."""
+
+
+@dataclass
+class DecodeResult:
+    """One decoded utterance (``language`` is the reference language; None = no speech)."""
+
+    id: str
+    language: str | None
+    reference: str
+    hypothesis: str
+    audio_seconds: float
+    truncated: bool
+    forced_language: str | None = None
+    dialect: str | None = None
+
+
+def _batches(samples: Sequence[Sample], opts: DecodeOptions) -> list[list[int]]:
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].utt.duration, i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max(samples[j].utt.duration for j in [*current, i])
+        if current and ((len(current) + 1) * longest > opts.max_batch_seconds or len(current) >= opts.max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    processor: Qwen3ASRProcessor,
+    samples: Sequence[Sample],
+    opts: DecodeOptions = DecodeOptions(),
+    batches: list[list[int]] | None = None,
+) -> list[DecodeResult]:
+    """Decode ``samples`` with ``model`` on its current device; returns results in sample order.
+
+    ``batches`` (indices into ``samples``) defaults to duration-sorted batches; only the listed samples
+    are decoded (the distributed path passes each rank its share of one global batch plan).
+    """
+    tok = processor.tokenizer
+    end_ids = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[int, DecodeResult] = {}
+    try:
+        for batch in _batches(samples, opts) if batches is None else batches:
+            rows = [samples[i] for i in batch]
+            forced = [r.utt.language if opts.forced_language and r.utt.language else None for r in rows]
+            prompts = [
+                asr_prompt(r.utt.context if opts.use_context else "", f) for r, f in zip(rows, forced, strict=True)
+            ]
+            inputs = processor(
+                text=prompts, audio=[r.audio for r in rows], padding_side="left", sampling_rate=SAMPLE_RATE
+            ).to(device)
+            longest = max(len(r.audio) for r in rows) / SAMPLE_RATE
+            budget = min(opts.max_new_tokens_cap, math.ceil(opts.tokens_per_second * longest) + opts.min_new_tokens)
+            inputs["input_features"] = inputs["input_features"].to(next(model.parameters()).dtype)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=budget,
+                do_sample=False,
+                num_beams=opts.num_beams,
+                eos_token_id=end_ids,
+                pad_token_id=end_ids[1],
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
+                ids = new[k].tolist()
+                finished = any(t in end_ids for t in ids)
+                text = tok.decode(ids, skip_special_tokens=True)
+                results[i] = DecodeResult(
+                    id=row.utt.id,
+                    language=row.utt.language,
+                    reference=row.utt.text,
+                    hypothesis=text,
+                    audio_seconds=len(row.audio) / SAMPLE_RATE,
+                    truncated=not finished,
+                    forced_language=forced[k],
+                    dialect=row.utt.dialect,
+                )
+    finally:
+        model.train(was_training)
+    return [results[i] for i in sorted(results)]
+
+
+def decode_distributed(
+    model: torch.nn.Module,
+    processor: Qwen3ASRProcessor,
+    samples: Sequence[Sample],
+    opts: DecodeOptions = DecodeOptions(),
+) -> list[DecodeResult]:
+    """Every rank decodes every world-th batch of one global batch plan; all ranks get all results in order.
+
+    Sharding whole batches (not utterances) keeps each batch's composition — and so its padding, features
+    and outputs — identical to a single-process run.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decode(model, processor, samples, opts)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _batches(samples, opts)[rank::world]
+    indices = sorted(i for batch in mine for i in batch)
+    local = decode(model, processor, samples, opts, batches=mine) if mine else []
+    gathered: list[list[tuple[int, DecodeResult]]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, list(zip(indices, local, strict=True)))
+    merged = dict(pair for part in gathered for pair in part)
+    return [merged[i] for i in range(len(samples))]

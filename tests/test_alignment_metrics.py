@@ -1,0 +1,134 @@
+"""Aligner evaluation: AAS on hand cases, slot decoding vs transformers, writers, baselines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from praatio import textgrid
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.eval.alignment import (
+    AlignmentStats,
+    _tier_entries,
+    decode_slots,
+    energy_baseline,
+    plot_alignment,
+    slots_to_spans,
+    uniform_baseline,
+    write_alignments_json,
+    write_textgrid,
+)
+
+TS = 7  # <timestamp> id in the hand-made batches
+PAD = 0
+C = 64
+
+
+def test_aas_and_within_shares_on_hand_case():
+    stats = AlignmentStats()
+    ref = [(0.10, 0.30), (0.30, 0.60)]
+    pred = [(0.12, 0.30), (0.35, 0.70)]  # errors 20, 0, 50, 100 ms
+    assert stats.add("a", ["x", "y"], pred, ref, set_name="dev", language="English") == pytest.approx(42.5)
+    stats.add("b", ["z"], [(1.0, 1.2)], [(1.0, 1.2)], set_name="dev", language="French")  # errors 0, 0
+    stats.add("c", ["z"], [(0.0, 0.5)], [(0.3, 0.5)], set_name="test", language="English")  # 300, 0
+    summary = stats.summary()
+    en = summary["dev"]["English"]
+    assert en["aas_ms"] == pytest.approx(42.5)
+    assert (en["within_20ms"], en["within_50ms"], en["within_100ms"]) == (0.5, 0.75, 1.0)  # thresholds inclusive
+    assert (en["boundaries"], en["words"], en["utterances"]) == (4, 2, 1)
+    every = summary["dev"]["all"]  # micro-average over the set's 6 boundaries
+    assert every["aas_ms"] == pytest.approx(170 / 6)
+    assert every["within_20ms"] == pytest.approx(4 / 6)
+    assert every["median_ms"] == pytest.approx(10.0)  # sorted 0, 0, 0, 20, 50, 100
+    assert summary["test"]["English"]["aas_ms"] == pytest.approx(150.0)
+    assert summary["test"]["English"]["within_100ms"] == 0.5
+    assert [r["id"] for r in stats.records] == ["a", "b", "c"]
+    assert stats.records[0]["words"][1] == {"word": "y", "start": 0.35, "end": 0.7, "ref_start": 0.3, "ref_end": 0.6}
+
+
+def hand_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (3 audio/word tokens before each slot pair) and logits whose argmax at the k-th slot of
+    a row is ``rows[r][k]``; other positions get random logits."""
+    seqs = [[11, 12] + sum(([13, TS] for _ in classes), []) for classes in rows]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(rows), length), PAD)
+    logits = torch.randn(len(rows), length, C, generator=torch.Generator().manual_seed(0))  # (B, L, C)
+    for r, (seq, classes) in enumerate(zip(seqs, rows, strict=True)):
+        ids[r, length - len(seq) :] = torch.tensor(seq)
+        slots = (ids[r] == TS).nonzero().flatten()
+        for pos, cls in zip(slots.tolist(), classes, strict=True):
+            logits[r, pos, cls] = 100.0
+    return ids, logits
+
+
+def test_decode_slots_is_argmax_times_80ms_with_upstream_repair():
+    rows = [
+        [1, 3, 2, 5, 6, 40, 7, 8],  # two single outliers: snapped to the nearer normal neighbour (ties left)
+        [1, 50, 51, 52, 2, 3, 4, 5],  # a block of 3 outliers: linearly interpolated between 80 and 160 ms
+        [2, 4],  # already monotonic
+    ]
+    ids, logits = hand_batch(rows)
+    got = decode_slots(logits, ids, TS)
+    assert got == [
+        [0.08, 0.24, 0.24, 0.4, 0.48, 0.48, 0.56, 0.64],
+        [0.08, 0.1, 0.12, 0.14, 0.16, 0.24, 0.32, 0.4],
+        [0.16, 0.32],
+    ]
+    # the same numbers as transformers' own decoder (self is only read when timestamp_segment_time is None)
+    words = [[f"w{k}" for k in range(len(r) // 2)] for r in rows]
+    upstream = Qwen3ASRProcessor.decode_forced_alignment(None, logits, ids, words, TS, timestamp_segment_time=80)
+    assert [slots_to_spans(g) for g in got] == [[(w["start_time"], w["end_time"]) for w in row] for row in upstream]
+    # a row without slots decodes to nothing (the repair itself would fail on it)
+    empty_ids = torch.tensor([[11, 12, 13]])
+    assert decode_slots(torch.zeros(1, 3, C), empty_ids, TS) == [[]]
+
+
+def test_writers_produce_files_and_textgrid_round_trips(tmp_path):
+    words = ["alpha", "bravo", "charlie"]
+    pred = [(0.08, 0.32), (0.4, 0.56), (0.64, 0.96)]
+    ref = [(0.1, 0.3), (0.42, 0.55), (0.6, 1.0)]
+    stats = AlignmentStats()
+    stats.add("u0", words, pred, ref, language="English")
+    data = json.loads(write_alignments_json(tmp_path / "align.json", stats).read_text())
+    assert data["summary"]["eval"]["English"]["boundaries"] == 6 and data["utterances"][0]["id"] == "u0"
+
+    grid_path = write_textgrid(tmp_path / "u0.TextGrid", words, pred, duration=1.2, ref=ref)
+    grid = textgrid.openTextgrid(str(grid_path), includeEmptyIntervals=False)
+    assert grid.tierNames == ("words", "reference")
+    assert grid.maxTimestamp == pytest.approx(1.2)
+    for name, spans in (("words", pred), ("reference", ref)):
+        entries = [(e.start, e.end, e.label) for e in grid.getTier(name).entries]
+        assert entries == [(s, e, w) for w, (s, e) in zip(words, spans, strict=True)]
+
+    png = plot_alignment(tmp_path / "u0.png", np.sin(np.arange(19200) / 20.0), words, pred, ref, title="u0")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_textgrid_entries_fix_empty_and_overlapping_intervals():
+    # start == end (same 80 ms bin) and a 1 ms reference overlap: both illegal in Praat
+    entries = _tier_entries(["a", "b", "c"], [(0.08, 0.08), (0.08, 0.24), (0.2395, 0.4)])
+    assert entries == [(0.08, pytest.approx(0.081), "a"), (pytest.approx(0.081), 0.24, "b"), (0.24, 0.4, "c")]
+
+
+def test_baselines_on_hand_case():
+    rate = 16000
+    audio = np.zeros(2 * rate, np.float32)
+    t = np.arange(rate) / rate
+    audio[rate // 2 : rate // 2 + rate] = 0.5 * np.sin(2 * np.pi * 300 * t)  # "speech" from 0.5 to 1.5 s
+    words = ["ab", "abcd"]  # 1/3 and 2/3 of the characters
+    uniform = uniform_baseline(audio, words)
+    assert uniform == [(0.0, pytest.approx(2 / 3)), (pytest.approx(2 / 3), 2.0)]
+    (s0, e0), (s1, e1) = energy_baseline(audio, words)
+    assert s0 == pytest.approx(0.5, abs=0.03) and e1 == pytest.approx(1.5, abs=0.03)
+    assert e0 == s1 == pytest.approx(s0 + (e1 - s0) / 3)
+    assert energy_baseline(np.zeros(rate, np.float32), words) == uniform_baseline(np.zeros(rate, np.float32), words)
+    # scored like a model: the energy baseline is far better than the uniform one here
+    stats = AlignmentStats()
+    ref = [(0.5, 5 / 6), (5 / 6, 1.5)]
+    stats.add("u", words, energy_baseline(audio, words), ref, set_name="energy")
+    stats.add("u", words, uniform, ref, set_name="uniform")
+    summary = stats.summary()
+    assert summary["energy"]["all"]["aas_ms"] < 30 < summary["uniform"]["all"]["aas_ms"]
