@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-no-speech", type=int, default=0, help="silence/noise clips in no_speech.jsonl")
     parser.add_argument("--snr-db", type=float, nargs=2, metavar=("LOW", "HIGH"), help="add noise at this SNR range")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--vocabulary-size", type=int, default=0, help="use only the first N words (0 = all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         num_no_speech=args.num_no_speech,
         noise_snr_db=tuple(args.snr_db) if args.snr_db else None,
         workers=args.workers,
+        vocabulary_size=args.vocabulary_size,
     )
     for split, path in manifests.items():
         print(f"{split}: {path}")

@@ -338,12 +338,16 @@ class CorpusConfig:
     words_per_clip: tuple[int, int]
     num_no_speech: int
     noise_snr_db: tuple[float, float] | None
+    vocabulary_size: int = 0
+    """Use only the first N words of each vocabulary (0 = all): a smaller task for quick demos."""
     version: int = GENERATOR_VERSION
 
 
-def _draw_sentence(rng: np.random.Generator, lang: str, n_units: int) -> tuple[list[str], list[str]]:
+def _draw_sentence(
+    rng: np.random.Generator, lang: str, n_units: int, vocabulary_size: int = 0
+) -> tuple[list[str], list[str]]:
     """Random word sequence with ``n_units`` word units: ``(units, spoken tokens)``, one token per unit."""
-    vocab = VOCABULARIES[lang]
+    vocab = VOCABULARIES[lang][:vocabulary_size] if vocabulary_size > 0 else VOCABULARIES[lang]
     units: list[str] = []
     tokens: list[str] = []
     while len(units) < n_units:
@@ -363,7 +367,8 @@ def render_clip(lang: str, rng: np.random.Generator, cfg: CorpusConfig) -> tuple
     engine = Espeak.get()
     rejected: Counter = Counter()
     for _ in range(100):
-        units, tokens = _draw_sentence(rng, lang, int(rng.integers(cfg.words_per_clip[0], cfg.words_per_clip[1] + 1)))
+        n_units = int(rng.integers(cfg.words_per_clip[0], cfg.words_per_clip[1] + 1))
+        units, tokens = _draw_sentence(rng, lang, n_units, cfg.vocabulary_size)
         voice = VOICES[lang][rng.integers(len(VOICES[lang]))] + VARIANTS[rng.integers(len(VARIANTS))]
         gap = int(rng.integers(WORD_GAP_10MS[0], WORD_GAP_10MS[1] + 1)) if rng.random() < 0.5 else 0
         text = " ".join(tokens)
@@ -474,6 +479,7 @@ def make_corpus(
     num_no_speech: int = 0,
     noise_snr_db: float | tuple[float, float] | None = None,
     workers: int = 1,
+    vocabulary_size: int = 0,
 ) -> dict[str, Path]:
     """Write an espeak-ng corpus under ``out_dir`` and return ``{"train"|"test"|"no_speech": manifest}``.
 
@@ -493,6 +499,7 @@ def make_corpus(
         (int(words_per_clip[0]), int(words_per_clip[1])),
         num_no_speech,
         snr,
+        vocabulary_size,
     )
     manifests = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if num_no_speech:

@@ -35,8 +35,10 @@ from qwen3asr_train.data.datamodule import (
 )
 from qwen3asr_train.data.manifest import read_manifests
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
+from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
+from qwen3asr_train.model.export import save_native
 from qwen3asr_train.training import build_optimizer, build_trainer, checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -230,8 +232,11 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
     train = drop_long_targets(train, processor, cfg.data)
     init_dir = run_dir / MODEL_INIT_DIR
-    model.config.save_pretrained(init_dir)
-    processor.save_pretrained(init_dir)
+    if cfg.model.source == "tiny":  # random weights exist nowhere else: keep them (evaluation before training)
+        save_native(model, processor, init_dir)
+    else:
+        model.config.save_pretrained(init_dir)
+        processor.save_pretrained(init_dir)
 
     options = SFTOptions(
         forced_language_prob=recipe.forced_language_prob,
@@ -246,6 +251,9 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         cfg.data, processor, train, options, cfg.trainer.accumulate_grad_batches, cfg.seed, hf_dataset=hf, valid=valid
     )
     resume = resolve_resume(recipe.resume_from, run_dir)
+    hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
+    if hook is not None:
+        extra_callbacks = [*extra_callbacks, hook]
     trainer = build_trainer(
         cfg,
         model,
@@ -283,8 +291,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             run_dir,
         )
     if recipe.export_on_end and not sharded and trainer.is_global_zero:
-        from qwen3asr_train.model.export import save_native
-
         written["export"] = str(
             save_native(model, processor, run_dir / "export", run_config=json.loads((run_dir / "run.json").read_text()))
         )

@@ -1,0 +1,162 @@
+"""The evaluation hook: decode named validation sets during training, in every stage.
+
+Why a callback with a pluggable evaluator: SFT and GSPO decode transcripts and score WER/CER, the
+aligner decodes timestamps and scores AAS; the *when* (every N optimizer steps, at the end, on every
+rank with the work sharded and gathered) and the *what to do with the numbers* (log them, write the
+artifacts, keep the best checkpoint) are the same. Metrics are logged at the optimizer step they were
+measured after; the artifacts of each evaluation go to ``<run_dir>/eval/step-<N>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from transformers import Qwen3ASRProcessor
+
+from qwen3asr_train.config.schema import DataConfig, EvalHookConfig
+from qwen3asr_train.data.dataset import Sample, UtteranceDataset
+from qwen3asr_train.data.manifest import RowChecks, read_manifest
+from qwen3asr_train.eval.decode import DecodeOptions, decode_distributed
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """Decodes its sets with ``model`` and returns flat metrics (``val/<set>/...``); rank 0 writes artifacts."""
+
+    def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]: ...
+
+
+def decode_options(cfg: Any) -> DecodeOptions:
+    """:class:`DecodeOptions` from a ``DecodeConfig``."""
+    return DecodeOptions(
+        max_batch_seconds=cfg.max_batch_seconds,
+        max_batch_size=cfg.max_batch_size,
+        num_beams=cfg.num_beams,
+        tokens_per_second=cfg.tokens_per_second,
+        min_new_tokens=cfg.min_new_tokens,
+        forced_language=cfg.forced_language,
+        use_context=cfg.use_context,
+    )
+
+
+def load_eval_sets(sets: dict[str, str], checks: RowChecks, policy: str, limit: int = 0) -> dict[str, list[Sample]]:
+    """Decode every set's audio once (validation sets are small; they are reused at every evaluation)."""
+    out: dict[str, list[Sample]] = {}
+    for name, path in sets.items():
+        utts = read_manifest(path, checks, policy)
+        if limit > 0:
+            utts = utts[:limit]
+        dataset = UtteranceDataset(utts, policy)
+        out[name] = [s for s in (dataset.load(i) for i in range(len(utts))) if s is not None]
+    return out
+
+
+class ASREvaluator:
+    """Transcribes each set and scores it with the evaluation report code (WER/CER, LID, S/D/I)."""
+
+    def __init__(
+        self, processor: Qwen3ASRProcessor, sets: dict[str, list[Sample]], opts: DecodeOptions, samples_to_log: int = 3
+    ) -> None:
+        self.processor = processor
+        self.sets = sets
+        self.opts = opts
+        self.samples_to_log = samples_to_log
+
+    def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
+        from qwen3asr_train.eval.report import log_metrics, write_reports
+
+        results = {
+            name: decode_distributed(model, self.processor, samples, self.opts) for name, samples in self.sets.items()
+        }
+        if not write:
+            return {}
+        summary = write_reports(out_dir, results)
+        metrics: dict[str, float] = {}
+        for name, rows in results.items():
+            metrics.update(log_metrics(summary, name))
+            for row in rows[: self.samples_to_log]:
+                log.info("[%s] %s\n  ref: %s\n  hyp: %s", name, row.id, row.reference, row.hypothesis)
+        return metrics
+
+
+class PeriodicEvaluation(L.Callback):
+    """Runs an :class:`Evaluator` every N optimizer steps and/or at the end; logs, writes, tracks the best."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        every_n_steps: int,
+        at_end: bool,
+        run_dir: Path,
+        monitor: str | None = None,
+        mode: str = "min",
+    ) -> None:
+        self.evaluator = evaluator
+        self.every_n_steps = every_n_steps
+        self.at_end = at_end
+        self.run_dir = run_dir
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.last_step = -1
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        model = pl_module.model
+        out_dir = self.run_dir / "eval" / f"step-{step:08d}"
+        metrics = self.evaluator.evaluate(model, out_dir, write=trainer.is_global_zero)
+        metrics = trainer.strategy.broadcast(metrics, src=0)
+        self.history.append((step, metrics))
+        if trainer.is_global_zero and trainer.logger is not None and metrics:
+            trainer.logger.log_metrics(metrics, step=step)
+            trainer.logger.save()
+        if self.monitor is not None:
+            if self.monitor not in metrics:
+                raise KeyError(f"evaluation.monitor={self.monitor!r} is not among the metrics {sorted(metrics)}")
+            value = metrics[self.monitor]
+            better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+            if better and math.isfinite(value):
+                self.best = value
+                trainer.save_checkpoint(self.run_dir / "checkpoints" / "best.ckpt")
+                if trainer.is_global_zero:
+                    log.info("new best %s = %.4f at step %d", self.monitor, value, step)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end:
+            self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+def build_asr_hook(
+    cfg: EvalHookConfig, data: DataConfig, processor: Qwen3ASRProcessor, run_dir: Path
+) -> PeriodicEvaluation | None:
+    """The hook for ASR stages, or None when no evaluation sets are configured."""
+    if not cfg.sets:
+        return None
+    from qwen3asr_train.data.datamodule import row_checks
+
+    sets = load_eval_sets(cfg.sets, row_checks(data), data.on_bad_row, cfg.max_utterances)
+    evaluator = ASREvaluator(processor, sets, decode_options(cfg.decode), cfg.samples_to_log)
+    return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)

@@ -1,0 +1,75 @@
+"""``recipe=eval``: decode any checkpoint on one or more manifests and write the evaluation artifacts.
+
+The model can be an exported directory in either layout, a Lightning ``.ckpt`` or a training run
+directory (its ``last.ckpt``). Per set: ``recogs-<set>.txt``, ``errs-<set>.txt``, ``wer-summary-<set>.txt``,
+``results-<set>.jsonl``; over all sets: ``summary.md``, ``summary.json`` and ``error_rates.png``; the
+summary table is logged at the end. Launched with ``torchrun --nproc_per_node=N``, the decoding is
+sharded by batch over the processes and gathered (same results as one process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from qwen3asr_train.config.schema import EvalConfig, ModelConfig, RunConfig
+from qwen3asr_train.data.datamodule import row_checks
+from qwen3asr_train.eval.decode import decode_distributed
+from qwen3asr_train.eval.hook import decode_options, load_eval_sets
+from qwen3asr_train.model.builder import build_model
+
+log = logging.getLogger(__name__)
+
+
+def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, Any]:
+    """A model + processor from an exported directory (either layout), a ``.ckpt`` or a run directory."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        base = model_cfg or ModelConfig()
+        cfg = ModelConfig(
+            source="pretrained",
+            path=str(path),
+            task=base.task,
+            dtype=base.dtype,
+            attn_implementation=base.attn_implementation,
+        )
+        model, processor = build_model(cfg)
+    else:
+        from qwen3asr_train.stages.export import find_checkpoint, rebuild_from_run
+
+        model, processor, _ = rebuild_from_run(*find_checkpoint(path))
+    model.eval()
+    return model, processor
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Evaluate ``recipe.model_path`` on ``recipe.sets`` (see the module docstring)."""
+    recipe: EvalConfig = cfg.recipe
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out_dir = Path(recipe.output_dir or cfg.run_dir)
+    model, processor = load_for_eval(recipe.model_path, cfg.model)
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row)
+    opts = decode_options(recipe.decode)
+    results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        from qwen3asr_train.eval.report import write_reports
+
+        summary = write_reports(out_dir, results)
+        (out_dir / "eval_config.json").write_text(
+            json.dumps({"model_path": str(recipe.model_path), "sets": dict(recipe.sets)}, indent=2) + "\n"
+        )
+        log.info("evaluation artifacts in %s", out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
