@@ -489,10 +489,114 @@ class EvalConfig:
         _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. recipe.sets.test=test.jsonl")
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "export": ExportConfig, "eval": EvalConfig}
+@dataclass
+class MixSourceConfig:
+    """One source of the GSPO data mix."""
+
+    manifests: Any = None
+    """Manifest path(s) of this source."""
+    weight: float = 1.0
+    """Sampling weight (normalised over sources): e.g. 35/35/30 for speech/multilingual/functional."""
+
+    def validate(self) -> None:
+        self.manifests = _as_list(self.manifests, "recipe.mix.<name>.manifests")
+        _require(bool(self.manifests), "recipe.mix.<name>.manifests", "each mix source needs a manifest")
+        _require(self.weight > 0, "recipe.mix.<name>.weight", "must be positive")
+
+
+def _default_reward_weights() -> dict[str, float]:
+    return {
+        "accuracy": 1.0,
+        "language_id": 0.25,
+        "no_speech": 1.0,
+        "repetition": 1.0,
+        "truncation": 1.0,
+        "format": 0.5,
+        "keyword_recall": 0.25,
+    }
+
+
+@dataclass
+class GSPOConfig:
+    """GSPO reinforcement learning with WER/CER rewards (../shared/reference/gspo_for_asr.md)."""
+
+    name: str = "gspo"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.05, schedule="constant"))
+    """Optimizer and schedule (lr 1e-6 constant after 5% warm-up, as in TRL/verl GSPO examples)."""
+    group_size: int = 8
+    """G: sampled transcripts per utterance."""
+    rollout_batch_size: int = 8
+    """Utterances per rollout batch on each rank (× G completions)."""
+    steps_per_generation: int = 4
+    """Minibatches (optimizer steps) each rollout batch is split into; > 1 makes updates off-policy (the paper: 4)."""
+    num_iterations: int = 1
+    """Passes over each rollout batch."""
+    loss: str = "gspo"
+    """``gspo`` (sequence ratio), ``gspo_token`` (GSPO-token) or ``grpo`` (token-level ratio, for ablation)."""
+    eps_low: float = 3e-4
+    """Lower clip range of the ratio (paper: 3e-4; GRPO typically 0.2)."""
+    eps_high: float = 4e-4
+    """Upper clip range (paper: 4e-4; GRPO typically 0.27)."""
+    advantage_scale: str = "group"
+    """``group`` ((r−mean)/std per group), ``batch`` (centred per group, std over the batch) or ``none``."""
+    advantage_eps: float = 1e-4
+    """Added to the std."""
+    drop_zero_variance: bool = False
+    """Skip groups whose rewards are all equal (their advantages are exactly 0 anyway)."""
+    kl_beta: float = 0.0
+    """KL-to-reference weight (k3 estimator); 0 = no reference model is loaded."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs use logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    tokens_per_second: float = 8.0
+    """``max_new_tokens`` per second of the longest clip in a rollout batch."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound."""
+    rewards: dict[str, float] = field(default_factory=_default_reward_weights)
+    """Reward name (or dotted import path of a custom reward) -> weight."""
+    mix: dict[str, MixSourceConfig] = field(default_factory=dict)
+    """Named data sources with weights (empty: ``data.train`` is the only source)."""
+    forced_language_prob: float = 0.0
+    """Probability that a rollout prompt forces the reference language."""
+    context_prob: float = 0.0
+    """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
+    resume_from: str | None = None
+    """Checkpoint to resume: a ``.ckpt`` path or ``last``."""
+    export_on_end: bool = True
+    """Write a transformers-native export to ``<run_dir>/export`` at the end."""
+
+    def validate(self) -> None:
+        _require(self.group_size >= 2, "recipe.group_size", "needs >= 2 completions per utterance")
+        _require(
+            self.rollout_batch_size % self.steps_per_generation == 0,
+            "recipe.steps_per_generation",
+            "must divide recipe.rollout_batch_size because the members of a group stay in one minibatch",
+        )
+        _require(self.num_iterations >= 1, "recipe.num_iterations", "must be >= 1")
+        _require(self.loss in {"gspo", "gspo_token", "grpo"}, "recipe.loss", "must be gspo|gspo_token|grpo")
+        _require(
+            self.advantage_scale in {"group", "batch", "none"}, "recipe.advantage_scale", "must be group|batch|none"
+        )
+        _require(0 < self.eps_low < 1 and self.eps_high > 0, "recipe.eps_low", "clip ranges must be in (0, 1)")
+        _require(self.kl_beta >= 0, "recipe.kl_beta", "must be >= 0")
+        _require(self.temperature > 0, "recipe.temperature", "must be positive")
+        _require(bool(self.rewards), "recipe.rewards", "needs at least one reward")
+        for key in ("forced_language_prob", "context_prob"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"recipe.{key}", "is a probability")
+
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps made from one rollout batch."""
+        return self.steps_per_generation * self.num_iterations
+
+
+RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "export": ExportConfig, "eval": EvalConfig, "gspo": GSPOConfig}
 """Recipe name -> its schema."""
 
-TRAINING_RECIPES: frozenset[str] = frozenset({"sft"})
+TRAINING_RECIPES: frozenset[str] = frozenset({"sft", "gspo"})
 """Recipes that train (they need data and a run length)."""
 
 
@@ -525,8 +629,21 @@ class RunConfig:
                 "trainer.max_steps",
                 "set trainer.max_steps (> 0) or trainer.max_epochs (> 0): the run needs a length",
             )
+            has_mix = bool(getattr(self.recipe, "mix", None))
             _require(
-                self.data.sources() > 0,
+                self.data.sources() > 0 or has_mix,
                 "data.train",
                 "no training data: set data.train=<manifest.jsonl> (or data.hf_train.path)",
+            )
+        if self.recipe.name == "gspo":
+            _require(
+                self.trainer.accumulate_grad_batches == 1,
+                "trainer.accumulate_grad_batches",
+                "GSPO optimises manually: each minibatch of a rollout is one optimizer step",
+            )
+            _require(
+                self.trainer.checkpoint_every_n_steps % self.recipe.steps_per_rollout() == 0,
+                "trainer.checkpoint_every_n_steps",
+                "must be a multiple of recipe.steps_per_generation × "
+                "recipe.num_iterations so checkpoints fall between rollout batches",
             )

@@ -1,0 +1,467 @@
+"""``recipe=gspo``: Group Sequence Policy Optimization with WER/CER rewards (GSPO, arXiv 2507.18071).
+
+One *rollout batch* (``recipe.rollout_batch_size`` utterances per rank) is sampled G times with the
+current policy; the completions are scored by the reward registry (which reuses the evaluation metric
+code on raw text); advantages are group-normalised in float64 with exact zeros for zero-variance groups;
+the behaviour log-probabilities are computed once, before any update, with dropout off. The batch is then
+split into ``steps_per_generation`` minibatches of whole groups, each one optimizer step, repeated
+``num_iterations`` times — so with more than one minibatch the later updates are off-policy and the
+sequence-level ratio and its clip (3e-4 / 4e-4) matter.
+
+Lightning runs this with manual optimisation, one training step per minibatch: the loader yields one
+item per optimizer step and the rollout happens on the first item of each rollout batch. That keeps one
+backward per forward (what DDP's gradient reducer expects); each rank rolls out its own utterances.
+Checkpoints fall between rollout batches (a config rule), so a resumed run restarts at the next batch.
+
+Deviations from the paper, all config: no KL by default (``kl_beta=0``, the paper omits it); loss
+variants ``gspo_token`` and ``grpo`` for ablations; ``advantage_scale`` ``batch``/``none`` options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from qwen3asr_train.config.schema import GSPOConfig, RunConfig
+from qwen3asr_train.data.datamodule import load_train_utterances, row_checks
+from qwen3asr_train.data.dataset import Sample, UtteranceDataset
+from qwen3asr_train.data.manifest import Utterance, read_manifests
+from qwen3asr_train.eval.hook import build_asr_hook
+from qwen3asr_train.model.builder import AsrModel, build_model
+from qwen3asr_train.model.export import save_native
+from qwen3asr_train.rl import gspo as gspo_math
+from qwen3asr_train.rl.rewards import CompositeReward, RewardInput
+from qwen3asr_train.rl.rollout import (
+    HFGenerateEngine,
+    RolloutEngine,
+    Rollouts,
+    SamplingOptions,
+    build_prompts,
+    completion_logprobs,
+)
+from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config
+from qwen3asr_train.training import build_optimizer, build_trainer, checkpoint_step
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ data
+class TickSampler(Sampler[int]):
+    """Optimizer-step ticks 0, 1, 2, ... (endless); Lightning's ``max_steps`` ends the run.
+
+    Resuming sets the first tick to the start of the next rollout batch after the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[int]:
+        tick = self.start
+        while True:
+            yield tick
+            tick += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_tick": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = int(state["next_tick"])
+
+
+class MixtureRollouts:
+    """Map-style: tick -> ``{"tick", "rollout", "minibatch", "samples"}``; samples only on a rollout's first tick.
+
+    Utterances are drawn per (seed, rank, rollout) — a source by weight, then an utterance uniformly — so
+    every rank sees different utterances and a resumed run draws exactly what the uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[UtteranceDataset, float]],
+        batch_size: int,
+        steps_per_rollout: int,
+        seed: int,
+        rank: int,
+    ) -> None:
+        self.sources = list(sources)
+        total = sum(w for _, w in self.sources)
+        self.weights = [w / total for _, w in self.sources]
+        self.batch_size = batch_size
+        self.steps_per_rollout = steps_per_rollout
+        self.seed = seed
+        self.rank = rank
+
+    def draw(self, rollout: int) -> list[tuple[int, int]]:
+        """(source, utterance) pairs of a rollout batch."""
+        rng = random.Random(zlib.crc32(f"gspo/{self.seed}/{self.rank}/{rollout}".encode()))
+        picks = []
+        for _ in range(self.batch_size):
+            src = rng.choices(range(len(self.sources)), weights=self.weights)[0]
+            picks.append((src, rng.randrange(len(self.sources[src][0]))))
+        return picks
+
+    def __getitem__(self, tick: int) -> dict[str, Any]:
+        rollout, minibatch = divmod(tick, self.steps_per_rollout)
+        item: dict[str, Any] = {"tick": tick, "rollout": rollout, "minibatch": minibatch, "samples": None}
+        if minibatch == 0:
+            samples: list[Sample] = []
+            for src, idx in self.draw(rollout):
+                sample = self.sources[src][0].load(idx)
+                if sample is not None:
+                    # a unique index per (source, utterance) for the per-row RNGs
+                    samples.append(Sample(sample.utt, sample.audio, src * 10_000_000 + idx))
+            if not samples:
+                raise RuntimeError(f"rollout {rollout}: every drawn utterance was unreadable")
+            item["samples"] = samples
+        return item
+
+
+class RolloutLoader:
+    """DataLoader over ticks; stateful so Lightning restores the position on resume."""
+
+    def __init__(self, dataset: MixtureRollouts, num_workers: int) -> None:
+        self.sampler = TickSampler()
+        self.batch_sampler = None
+        self.loader = DataLoader(
+            dataset, sampler=self.sampler, batch_size=None, collate_fn=lambda x: x, num_workers=num_workers
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- module
+class GSPOModule(L.LightningModule):
+    """Manual optimisation: a rollout on the first tick of each batch, one minibatch update per tick."""
+
+    def __init__(
+        self,
+        model: AsrModel,
+        recipe: GSPOConfig,
+        engine: RolloutEngine,
+        rewards: CompositeReward,
+        sampling: SamplingOptions,
+        total_steps: int,
+        ref_model: AsrModel | None = None,
+        gradient_clip_val: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.recipe = recipe
+        self.engine = engine
+        self.rewards = rewards
+        self.sampling = sampling
+        self.total_steps = total_steps
+        self.ref_model = ref_model
+        self.gradient_clip_val = gradient_clip_val
+        self._pending: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def _rollout(self, samples: list[Sample], rollout: int) -> dict[str, Any]:
+        r = self.recipe
+        was_training = self.model.training
+        self.model.eval()  # dropout off: behaviour log-probs and sampling use the deterministic policy
+        prompts = build_prompts(self.engine_processor, samples, self.sampling, rollout).to(self.device)
+        rollouts = self.engine.generate(self.model, prompts, self.sampling)
+        inputs = [
+            RewardInput(
+                completion=text,
+                reference=s.utt.text,
+                language=s.utt.language,
+                forced_language=prompts.forced_language[b],
+                hotwords=prompts.hotwords[b],
+                truncated=rollouts.truncated[b * r.group_size + g],
+                audio_seconds=max(len(s.audio) / 16000, 1e-3),
+            )
+            for b, s in enumerate(samples)
+            for g, text in [(g, rollouts.texts[b * r.group_size + g]) for g in range(r.group_size)]
+        ]
+        total, terms = self.rewards(inputs)  # (B*G,) float64
+        advantages = gspo_math.compute_advantages(total, r.group_size, r.advantage_scale, r.advantage_eps)
+        zero_var = gspo_math.zero_variance_groups(total, r.group_size)  # (B,)
+        groups = [b for b in range(len(samples)) if not (r.drop_zero_variance and bool(zero_var[b]))]
+        rng = random.Random(zlib.crc32(f"minibatch/{self.sampling.seed}/{rollout}".encode()))
+        rng.shuffle(groups)
+        n_mb = r.steps_per_generation
+        minibatches = [sorted(groups[i::n_mb]) for i in range(n_mb)]
+        old = {
+            i: completion_logprobs(self.model, rollouts, r.temperature, mb) if mb else None
+            for i, mb in enumerate(minibatches)
+        }
+        ref = {}
+        if self.ref_model is not None:
+            ref = {
+                i: completion_logprobs(self.ref_model, rollouts, r.temperature, mb) if mb else None
+                for i, mb in enumerate(minibatches)
+            }
+        self.model.train(was_training)
+        self._log_rollout(inputs, rollouts, total, terms, zero_var, advantages)
+        return {
+            "rollouts": rollouts,
+            "advantages": advantages.to(self.device),
+            "minibatches": minibatches,
+            "old": old,
+            "ref": ref,
+        }
+
+    @property
+    def engine_processor(self) -> Any:
+        return self._processor
+
+    def set_processor(self, processor: Any) -> None:
+        self._processor = processor
+
+    # ------------------------------------------------------------------ update
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        r = self.recipe
+        if batch["samples"] is not None:
+            self._pending = self._rollout(batch["samples"], batch["rollout"])
+        if self._pending is None:
+            raise RuntimeError("a minibatch tick arrived before its rollout (resume point inside a rollout batch?)")
+        pending = self._pending
+        j = batch["minibatch"] % r.steps_per_generation
+        rows = pending["minibatches"][j]
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        opt.zero_grad()
+        if rows:
+            rollouts: Rollouts = pending["rollouts"]
+            g = r.group_size
+            comp = torch.tensor([b * g + k for b in rows for k in range(g)], device=self.device)
+            logp = completion_logprobs(self.model, rollouts, r.temperature, rows)  # (R, C)
+            mask = rollouts.completion_mask[comp]  # (R, C)
+            adv = pending["advantages"][comp].to(logp.dtype)  # (R,)
+            loss, stats = self._loss(logp, pending["old"][j], mask, adv)
+            if self.ref_model is not None and r.kl_beta > 0:
+                kl = gspo_math.kl_k3(logp, pending["ref"][j], mask)
+                loss = loss + r.kl_beta * kl
+                stats["kl"] = kl.detach()
+            self.manual_backward(loss)
+            if self.gradient_clip_val > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            self._log_update(loss, stats)
+        else:  # every group of this minibatch was dropped (zero variance): keep the step count aligned
+            self.manual_backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
+        opt.step()
+        sched.step()
+        if j == r.steps_per_generation - 1 and batch["minibatch"] == r.steps_per_rollout() - 1:
+            self._pending = None
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, RolloutLoader):
+            loader.sampler.consumed = batch["tick"] + 1
+
+    def _loss(
+        self, logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r = self.recipe
+        if r.loss == "gspo":
+            return gspo_math.gspo_loss(logp, old, mask, adv, r.eps_low, r.eps_high)
+        if r.loss == "gspo_token":
+            token_adv = adv.unsqueeze(-1).expand_as(logp)  # (R, C)
+            return gspo_math.gspo_token_loss(logp, old, mask, token_adv, r.eps_low, r.eps_high, return_stats=True)
+        return gspo_math.grpo_token_loss(logp, old, mask, adv, r.eps_low, r.eps_high)
+
+    # ------------------------------------------------------------------ logging
+    def _log_update(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        metrics = {"train/loss": loss.detach().float()}
+        for key in ("clip_frac", "clip_frac_low", "clip_frac_high"):
+            if key in stats:
+                metrics[f"gspo/{key}"] = stats[key].float()
+        if "seq_ratio" in stats:
+            metrics["gspo/seq_ratio_mean"] = stats["seq_ratio"].float().mean()
+        if "kl" in stats:
+            metrics["gspo/kl"] = stats["kl"].float()
+        metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        self.log_dict(metrics, on_step=True, sync_dist=True)
+
+    def _log_rollout(
+        self,
+        inputs: list[RewardInput],
+        rollouts: Rollouts,
+        total: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        zero_var: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> None:
+        """Rollout statistics summed over ranks, then logged once (ranks may differ in which are defined)."""
+        speech = [x for x in inputs if x.language is not None]
+        unforced = [x for x in speech if x.forced_language is None]
+        sums = {
+            "n": float(len(inputs)),
+            "reward": float(total.sum()),
+            "reward_sq": float((total**2).sum()),
+            "groups": float(zero_var.numel()),
+            "zero_var": float(zero_var.sum()),
+            "adv_abs": float(advantages.abs().sum()),
+            "length": float(rollouts.completion_mask.sum()),
+            "truncated": float(sum(rollouts.truncated)),
+            "speech": float(len(speech)),
+            "empty": float(sum(not x.parsed.text.strip() for x in speech)),
+            "sub": float(sum(x.score.counts.substitutions for x in speech)),
+            "del": float(sum(x.score.counts.deletions for x in speech)),
+            "ins": float(sum(x.score.counts.insertions for x in speech)),
+            "ref_units": float(sum(x.score.counts.ref_units for x in speech)),
+            "lid_total": float(len(unforced)),
+            "lid_hits": float(sum(x.parsed.language == x.language for x in unforced)),
+            **{f"term/{name}": float(values.sum()) for name, values in terms.items()},
+        }
+        vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            dist.all_reduce(vec)
+        t = dict(zip(sums, vec.tolist(), strict=True))
+        n = max(t["n"], 1.0)
+        mean = t["reward"] / n
+        metrics = {
+            "rollout/reward_mean": mean,
+            "rollout/reward_std": max(t["reward_sq"] / n - mean**2, 0.0) ** 0.5,
+            "rollout/frac_zero_variance_groups": t["zero_var"] / max(t["groups"], 1.0),
+            "rollout/advantage_abs_mean": t["adv_abs"] / n,
+            "rollout/completion_length": t["length"] / n,
+            "rollout/truncation_rate": t["truncated"] / n,
+            "rollout/empty_rate_speech": t["empty"] / max(t["speech"], 1.0),
+            **{f"reward/{k[5:]}": v / n for k, v in t.items() if k.startswith("term/")},
+        }
+        if t["ref_units"] > 0:
+            for key in ("sub", "del", "ins"):
+                metrics[f"rollout/{key}_rate"] = t[key] / t["ref_units"]
+        if t["lid_total"] > 0:
+            metrics["rollout/lid_acc"] = t["lid_hits"] / t["lid_total"]
+        # straight to the logger: Lightning would repeat step-logged values on the following minibatch steps
+        if self.trainer.is_global_zero and self.logger is not None:
+            self.logger.log_metrics(metrics, step=self.global_step)
+
+    # ------------------------------------------------------------------ optimizer, state
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self, self.recipe.optim, self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the policy is checkpointed (the frozen reference model is rebuilt from its path)."""
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("ref_model.")}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return super().load_state_dict(state_dict, strict=strict and self.ref_model is None, assign=assign)
+
+
+# ---------------------------------------------------------------------------------------------- build
+def _sources(cfg: RunConfig) -> list[tuple[list[Utterance], float, str]]:
+    recipe: GSPOConfig = cfg.recipe
+    if recipe.mix:
+        checks = row_checks(cfg.data)
+        return [
+            (read_manifests(src.manifests, checks, cfg.data.on_bad_row), src.weight, name)
+            for name, src in recipe.mix.items()
+        ]
+    items, hf = load_train_utterances(cfg.data)
+    if hf is not None:
+        raise NotImplementedError("recipe=gspo reads manifests (data.train or recipe.mix); HF datasets are SFT-only")
+    return [(items, 1.0, "train")]
+
+
+def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSPOModule, RolloutLoader, L.Trainer, Any]:
+    """Model, rollout data and Trainer for a GSPO run."""
+    recipe: GSPOConfig = cfg.recipe
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    save_run_config(cfg, run_dir)
+    sources = _sources(cfg)
+    texts = [u.text for utts, _, _ in sources for u in utts]
+    model, processor = build_model(cfg.model, texts=texts, seed=cfg.seed)
+    init_dir = run_dir / MODEL_INIT_DIR
+    if cfg.model.source == "tiny":
+        save_native(model, processor, init_dir)
+    else:
+        model.config.save_pretrained(init_dir)
+        processor.save_pretrained(init_dir)
+    ref_model = None
+    if recipe.kl_beta > 0:
+        ref_model, _ = build_model(cfg.model, texts=texts, seed=cfg.seed)
+        ref_model.load_state_dict(model.state_dict())
+        ref_model.requires_grad_(False).eval()
+
+    resume = resolve_resume(recipe.resume_from, run_dir)
+    callbacks = list(extra_callbacks)
+    hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
+    if hook is not None:
+        callbacks.append(hook)
+    trainer = build_trainer(
+        cfg,
+        model,
+        callbacks,
+        automatic_optimization=False,
+        validation=False,
+        resume_step=checkpoint_step(resume) if resume else None,
+    )
+    datasets = [(UtteranceDataset(utts, cfg.data.on_bad_row), weight) for utts, weight, _ in sources]
+    for utts, weight, name in sources:
+        log.info("GSPO source %s: %d utterances, weight %.3g", name, len(utts), weight)
+    dataset = MixtureRollouts(
+        datasets, recipe.rollout_batch_size, recipe.steps_per_rollout(), cfg.seed, trainer.global_rank
+    )
+    loader = RolloutLoader(dataset, cfg.data.num_workers)
+    sampling = SamplingOptions(
+        group_size=recipe.group_size,
+        temperature=recipe.temperature,
+        top_p=recipe.top_p,
+        top_k=recipe.top_k,
+        tokens_per_second=recipe.tokens_per_second,
+        min_new_tokens=recipe.min_new_tokens,
+        forced_language_prob=recipe.forced_language_prob,
+        context_prob=recipe.context_prob,
+        seed=cfg.seed,
+    )
+    module = GSPOModule(
+        model,
+        recipe,
+        HFGenerateEngine(processor),
+        CompositeReward(recipe.rewards),
+        sampling,
+        max(cfg.trainer.max_steps, 1),
+        ref_model,
+        cfg.trainer.gradient_clip_val,
+    )
+    module.set_processor(processor)
+    return module, loader, trainer, processor
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Train with GSPO and export (see the module docstring)."""
+    if cfg.trainer.max_steps <= 0:
+        raise ValueError("trainer.max_steps: GSPO runs are sized in optimizer steps; set trainer.max_steps > 0")
+    recipe: GSPOConfig = cfg.recipe
+    run_dir = Path(cfg.run_dir)
+    module, loader, trainer, processor = prepare(cfg)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
+    written: dict[str, Any] = {"run_dir": str(run_dir)}
+    if recipe.export_on_end and cfg.trainer.strategy in {"auto", "ddp"} and trainer.is_global_zero:
+        run_config = json.loads((run_dir / "run.json").read_text())
+        written["export"] = str(save_native(module.model, processor, run_dir / "export", run_config=run_config))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return written
