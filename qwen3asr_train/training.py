@@ -10,6 +10,7 @@ import csv
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,56 @@ def build_optimizer(module: L.LightningModule, cfg: OptimConfig, total_steps: in
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, cfg))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def all_reduce_sums(module: L.LightningModule, sums: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over ranks (one all-reduce); unchanged in a single process."""
+    values = torch.tensor(list(sums.values()), device=module.device, dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and module.trainer.world_size > 1:
+        torch.distributed.all_reduce(values)
+    return dict(zip(sums, values.tolist(), strict=True))
+
+
+class StepNormaliser:
+    """Loss scale and statistics for one optimizer step made of a window of micro-batches.
+
+    Why: a stage's loss is a *sum* over labelled units (target tokens, timestamp slots) divided by the
+    number of units in the whole optimizer step, across micro-batches and ranks. Batches carry
+    ``window_target_tokens`` (the window's unit count on this rank, from the window collator); the global
+    count needs one all-reduce per window. Lightning divides each micro-batch loss by the accumulation
+    count and DDP averages gradients over ranks, so :meth:`scale` returns ``k × world / N_global``.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._global = 1
+        self.sums: dict[str, float] = {}
+        self.started = 0.0
+
+    @staticmethod
+    def _window_start(batch: dict) -> tuple[int, int]:
+        epoch, micro = batch["position"]
+        return epoch, micro - micro % max(batch["window_size"], 1)
+
+    def observe(self, module: L.LightningModule, batch: dict) -> float:
+        """Start a window at its first micro-batch; return this micro-batch's loss scale."""
+        key = self._window_start(batch)
+        if key != self._key:
+            self._key = key
+            self.sums = {}
+            self.started = time.perf_counter()
+            self._global = int(all_reduce_sums(module, {"n": float(batch["window_target_tokens"])})["n"])
+        return module.trainer.accumulate_grad_batches * module.trainer.world_size / max(self._global, 1)
+
+    def add(self, **values: float) -> None:
+        """Accumulate statistics of this micro-batch (plain floats)."""
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def window_done(self, batch: dict, trainer: L.Trainer) -> bool:
+        """True at the last micro-batch of a window (or of the epoch)."""
+        return (batch["position"][1] + 1) % max(batch["window_size"], 1) == 0 or bool(trainer.is_last_batch)
+
+    def totals(self, module: L.LightningModule) -> tuple[dict[str, float], float]:
+        """Window statistics summed over ranks, and the seconds the window took."""
+        return all_reduce_sums(module, self.sums), max(time.perf_counter() - self.started, 1e-9)

@@ -91,5 +91,4 @@ def test_gspo_raises_mean_reward(tmp_path):
     trainer.fit(module, train_dataloaders=loader)
     after = mean_reward(module.model, processor, samples, reward, seed=1)
     log.info("GSPO mean reward %.3f -> %.3f", before, after)
-    print(f"GSPO mean reward before {before:.3f} after {after:.3f}")
     assert after > before + 0.1, (before, after)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from qwen3asr_train.config.schema import RunConfig, SFTConfig
@@ -39,7 +37,7 @@ from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_native
-from qwen3asr_train.training import build_optimizer, build_trainer, checkpoint_step
+from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +58,8 @@ class SFTModule(L.LightningModule):
         self.pad_id = pad_id
         self.asr_text_id = asr_text_id
         self.im_end_id = im_end_id
-        self._window: dict[str, float] = {}
-        self._window_start = 0.0
-        self._global_tokens: tuple[int, int] | None = None  # (position key, global window tokens)
+        self.norm = StepNormaliser()
         self._val: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ loss
-    def _world(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def _global_window_tokens(self, batch: dict) -> int:
-        """Target tokens of this optimizer step summed over ranks (one all-reduce per window)."""
-        epoch, micro = batch["position"]
-        key = (epoch, micro - micro % max(batch["window_size"], 1))
-        if self._global_tokens is not None and self._global_tokens[0] == key:
-            return self._global_tokens[1]
-        total = torch.tensor(float(batch["window_target_tokens"]), device=self.device)
-        if dist.is_available() and dist.is_initialized() and self._world() > 1:
-            dist.all_reduce(total)
-        self._global_tokens = (key, int(total.item()))
-        return self._global_tokens[1]
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
         """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
@@ -115,54 +95,37 @@ class SFTModule(L.LightningModule):
         return targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if batch["position"][1] % max(batch["window_size"], 1) == 0:
-            self._window = {"ce": 0.0, "ctc": 0.0, "tokens": 0.0, "audio": 0.0, "seq": 0.0, "real": 0.0, "skipped": 0.0}
-            self._window_start = time.perf_counter()
+        scale = self.norm.observe(self, batch)  # k × world / (target tokens of the whole step, all ranks)
         sums = self.forward_sums(batch)
-        n_window = self._global_window_tokens(batch)
-        # Lightning divides by accumulate_grad_batches and DDP averages over ranks: undo both here so the
-        # gradient is sum(CE) / N_window exactly (module docstring).
-        scale = self.trainer.accumulate_grad_batches * self._world() / max(n_window, 1)
         loss = sums["ce_sum"] * scale
         if "ctc_sum" in sums:
             loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale
-        w = self._window
-        w["ce"] += float(sums["ce_sum"].detach())
-        w["ctc"] += float(sums.get("ctc_sum", torch.zeros(())).detach())
-        w["tokens"] += float(sums["n_tokens"])
-        w["audio"] += batch["audio_seconds"]
-        w["seq"] += batch["attention_mask"].numel()
-        w["real"] += float(batch["attention_mask"].sum())
-        w["skipped"] += batch["skipped_audio"]
-        if (batch["position"][1] + 1) % max(batch["window_size"], 1) == 0 or self._is_last_batch():
+        self.norm.add(
+            ce=sums["ce_sum"].detach(),
+            ctc=sums.get("ctc_sum", torch.zeros(())).detach(),
+            tokens=sums["n_tokens"],
+            audio=batch["audio_seconds"],
+            seq=batch["attention_mask"].numel(),
+            real=batch["attention_mask"].sum(),
+            skipped=batch["skipped_audio"],
+        )
+        if self.norm.window_done(batch, self.trainer):
             self._log_window()
         return loss
 
-    def _is_last_batch(self) -> bool:
-        return bool(self.trainer.is_last_batch) if self._trainer is not None else False
-
     def _log_window(self) -> None:
-        w = dict(self._window)
-        stats = torch.tensor(
-            [w["ce"], w["ctc"], w["tokens"], w["audio"], w["seq"], w["real"], w["skipped"]],
-            device=self.device,
-            dtype=torch.float64,
-        )
-        if dist.is_available() and dist.is_initialized() and self._world() > 1:
-            dist.all_reduce(stats)
-        ce, ctc, tokens, audio, seq, real, skipped = stats.tolist()
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        t, elapsed = self.norm.totals(self)
         metrics = {
-            "train/loss": ce / max(tokens, 1.0),
-            "train/target_tokens": tokens,
-            "train/tokens_per_s": real / elapsed,
-            "train/audio_s_per_s": audio / elapsed,
-            "train/padding_fraction": 1.0 - real / max(seq, 1.0),
-            "train/skipped_audio": skipped,
+            "train/loss": t["ce"] / max(t["tokens"], 1.0),
+            "train/target_tokens": t["tokens"],
+            "train/tokens_per_s": t["real"] / elapsed,
+            "train/audio_s_per_s": t["audio"] / elapsed,
+            "train/padding_fraction": 1.0 - t["real"] / max(t["seq"], 1.0),
+            "train/skipped_audio": t["skipped"],
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         }
         if self.recipe.ctc_weight > 0:
-            metrics["train/ctc_loss"] = ctc / max(tokens, 1.0)
+            metrics["train/ctc_loss"] = t["ctc"] / max(t["tokens"], 1.0)
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
         self.log("loss", metrics["train/loss"], on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
 
@@ -176,11 +139,9 @@ class SFTModule(L.LightningModule):
         self._val["tokens"] += float(sums["n_tokens"])
 
     def on_validation_epoch_end(self) -> None:
-        stats = torch.tensor([self._val["ce"], self._val["tokens"]], device=self.device, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and self._world() > 1:
-            dist.all_reduce(stats)
-        if stats[1] > 0:
-            self.log("val/loss", float(stats[0] / stats[1]), rank_zero_only=True)
+        t = all_reduce_sums(self, self._val)
+        if t["tokens"] > 0:
+            self.log("val/loss", t["ce"] / t["tokens"], rank_zero_only=True)
 
     # ------------------------------------------------------------------ optimizer, state
     def configure_optimizers(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${DEMO_STEPS:-1400}; exp=exp/demo_sft
+stage=0; stop_stage=100; steps=${DEMO_STEPS:-1200}; exp=exp/demo_sft
 while [ $# -gt 0 ]; do
   case $1 in
     --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;;
@@ -19,9 +19,9 @@ mkdir -p $exp
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
-  log "Stage 0: synthetic English speech (espeak-ng): 1500 train / 100 held-out clips, 24-word vocabulary"
-  $PY data_tools/make_synthetic_corpus.py $exp/corpus --languages en --num-train 1500 --num-test 100 \
-    --vocabulary-size 24 --min-words 3 --max-words 6 --seed 0 --workers 2
+  log "Stage 0: synthetic English speech (espeak-ng): 2000 train / 100 held-out clips of 1-4 words from a 24-word vocabulary"
+  $PY data_tools/make_synthetic_corpus.py $exp/corpus --languages en --num-train 2000 --num-test 100 \
+    --vocabulary-size 24 --min-words 1 --max-words 4 --seed 0 --workers 2
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && [ ! -f $exp/sft/.done ]; then
