@@ -22,9 +22,9 @@ log = logging.getLogger("qwen3asr_train")
 
 def _recipes() -> dict[str, Callable[[RunConfig], object]]:
     """Recipe name -> stage entry (imported lazily so ``--help`` and config errors stay fast)."""
-    from qwen3asr_train.stages import evaluate, export, gspo, sft
+    from qwen3asr_train.stages import aligner, evaluate, export, gspo, sft
 
-    return {"sft": sft.run, "export": export.run, "eval": evaluate.run, "gspo": gspo.run}
+    return {"sft": sft.run, "export": export.run, "eval": evaluate.run, "gspo": gspo.run, "aligner": aligner.run}
 
 
 register_schemas()

@@ -78,3 +78,21 @@ def timestamp_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     mask = labels != IGNORE_INDEX  # (B, L)
     picked = logits[mask].float()  # (S, C)
     return F.cross_entropy(picked, labels[mask], reduction="sum"), mask.sum()
+
+
+def slot_ce(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`timestamp_ce` evaluated on the slot positions only (the head never sees the other positions).
+
+    Args:
+        hidden: ``(B, L, H)`` last hidden states of the decoder.
+        labels: ``(B, L)`` time-bin class at slots, ``-100`` elsewhere (NOT shifted).
+        head: dropout + classification head, applied to ``(S, H)``.
+
+    Returns ``(summed CE, slot count, predicted classes (S,))``.
+    """
+    mask = labels != IGNORE_INDEX  # (B, L)
+    logits = head(hidden[mask]).float()  # (S, C)
+    target = labels[mask]  # (S,)
+    return F.cross_entropy(logits, target, reduction="sum"), mask.sum(), logits.argmax(-1)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from qwen3asr_train.config.schema import ModelConfig, TinyModelConfig
+from qwen3asr_train.config.schema import ModelConfig
 from qwen3asr_train.data.aligner import (
     AlignerCollator,
     check_word_units,
@@ -35,9 +35,7 @@ NUM_CLASSES = 64  # 5.12 s addressable: enough for the tone clips (< 3 s), small
 def aligner():
     from qwen3asr_train.model.builder import build_model
 
-    model, processor = build_model(
-        ModelConfig(source="tiny", task="aligner", tiny=TinyModelConfig(num_labels=NUM_CLASSES)), seed=0
-    )
+    model, processor = build_model(ModelConfig(source="tiny", task="aligner", num_labels=NUM_CLASSES), seed=0)
     model.eval()
     return model, processor
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen3asr_train.config.schema import LoraConfig, ModelConfig, TinyModelConfig
+from qwen3asr_train.config.schema import LoraConfig, ModelConfig
 from qwen3asr_train.data.prompts import asr_prompt
 from qwen3asr_train.model.builder import build_model, set_trainable
 from qwen3asr_train.model.convert import CheckpointLayoutError, original_to_native_state_dict
@@ -142,7 +142,7 @@ def test_tiny_tokenizer_carries_real_special_tokens(tiny_model_and_processor):
 
 
 def test_tiny_aligner_builds(tmp_path):
-    model, _ = build_model(ModelConfig(source="tiny", task="aligner", tiny=TinyModelConfig(num_labels=50)))
+    model, _ = build_model(ModelConfig(source="tiny", task="aligner", num_labels=50))
     assert model.score.out_features == 50 and model.config.num_labels == 50
     out = save_original(model, _, tmp_path / "aligner_original")
     config = json.loads((out / "config.json").read_text())

@@ -69,8 +69,6 @@ class TinyModelConfig:
     """Texts the BPE is trained on: ``train`` (the training manifests) or ``builtin`` (a fixed sentence list)."""
     init: str = "he_conv"
     """``default`` (HF init) or ``he_conv``: He-normal conv init so audio is not drowned by positions (see docs)."""
-    num_labels: int = 0
-    """Aligner only: time-bin classes of the token-classification head (0 = ASR model)."""
 
     def validate(self) -> None:
         _require(self.tokenizer_corpus in {"train", "builtin"}, "model.tiny.tokenizer_corpus", "must be train|builtin")
@@ -123,6 +121,11 @@ class ModelConfig:
     """Keep the audio→text projector fixed."""
     freeze_llm: bool = False
     """Keep the LLM (embeddings, decoder, head) fixed."""
+    num_labels: int = 5000
+    """Aligner: time-bin classes of a *fresh* head (tiny models, or an aligner initialised from an ASR
+    checkpoint); a forced-aligner checkpoint keeps its own. 5000 × 80 ms = 400 s, as released."""
+    classifier_dropout: float = 0.0
+    """Aligner: dropout before the classification head (transformers defaults to 0.1 when unset)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA options (applied to the LLM)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -137,6 +140,8 @@ class ModelConfig:
             "a model built in-process",
         )
         _require(self.task in {"asr", "aligner"}, "model.task", "must be asr|aligner")
+        _require(self.num_labels >= 2, "model.num_labels", "an aligner head needs at least 2 time bins")
+        _require(0.0 <= self.classifier_dropout < 1.0, "model.classifier_dropout", "must be in [0, 1)")
         _require(self.dtype in {"float32", "bfloat16", "float16"}, "model.dtype", "must be float32|bfloat16|float16")
         _require(
             self.attn_implementation in {"auto", "sdpa", "eager", "flash_attention_2"},
@@ -593,10 +598,45 @@ class GSPOConfig:
         return self.steps_per_generation * self.num_iterations
 
 
-RECIPE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "export": ExportConfig, "eval": EvalConfig, "gspo": GSPOConfig}
+@dataclass
+class AlignerConfig:
+    """Forced-aligner training: non-shifted cross-entropy over 80 ms time bins at ``<timestamp>`` slots."""
+
+    name: str = "aligner"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    slot_prob: float = 0.5
+    """Dynamic slot insertion: each word gets its start/end slots with this probability (>= 1 word per sample)."""
+    concat_max_seconds: float = 0.0
+    """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
+    concat_gap_seconds: float = 0.0
+    """Silence inserted between concatenated utterances."""
+    on_unit_mismatch: str = "error"
+    """A manifest whose words differ from the aligner's word units of its text: ``error`` or ``skip`` (counted)."""
+    resume_from: str | None = None
+    """Checkpoint to resume: a ``.ckpt`` path or ``last``."""
+    export_on_end: bool = True
+    """Write a transformers-native export to ``<run_dir>/export`` at the end."""
+
+    def validate(self) -> None:
+        _require(0.0 < self.slot_prob <= 1.0, "recipe.slot_prob", "must be in (0, 1]")
+        _require(
+            self.concat_max_seconds >= 0 and self.concat_gap_seconds >= 0, "recipe.concat_max_seconds", "must be >= 0"
+        )
+        _require(self.on_unit_mismatch in {"error", "skip"}, "recipe.on_unit_mismatch", "must be error|skip")
+
+
+RECIPE_SCHEMAS: dict[str, type] = {
+    "sft": SFTConfig,
+    "export": ExportConfig,
+    "eval": EvalConfig,
+    "gspo": GSPOConfig,
+    "aligner": AlignerConfig,
+}
 """Recipe name -> its schema."""
 
-TRAINING_RECIPES: frozenset[str] = frozenset({"sft", "gspo"})
+TRAINING_RECIPES: frozenset[str] = frozenset({"sft", "gspo", "aligner"})
 """Recipes that train (they need data and a run length)."""
 
 
@@ -635,6 +675,14 @@ class RunConfig:
                 "data.train",
                 "no training data: set data.train=<manifest.jsonl> (or data.hf_train.path)",
             )
+        if self.recipe.name == "aligner":
+            _require(
+                self.model.task == "aligner",
+                "model.task",
+                "recipe=aligner trains Qwen3ASRForTokenClassification: set model.task=aligner",
+            )
+        if self.recipe.name in {"sft", "gspo"}:
+            _require(self.model.task == "asr", "model.task", f"recipe={self.recipe.name} trains an ASR model")
         if self.recipe.name == "gspo":
             _require(
                 self.trainer.accumulate_grad_batches == 1,

@@ -8,7 +8,8 @@ Batch schema (one micro-batch; ``B`` rows, ``L`` tokens, ``T`` mel frames, a mul
                                              (NOT shifted: the slot's own logits predict its class)
     input_features        (B, 128, T) float  log-mel (same feature-extractor call as SFT and inference)
     input_features_mask   (B, T)      long   1 on valid frames
-    num_slots             int                labelled slots in this micro-batch (the loss normaliser)
+    num_slots             int                labelled slots in this micro-batch (the loss normaliser; also
+                                             given as ``num_target_tokens`` for the window collator)
     slotted_words         list[list[tuple[str, float, float]]]  per row, (word, start s, end s) of the
                                              reference words that got slots, in slot order (slot 2k = start,
                                              2k+1 = end of word k) — for evaluation. Plain tuples, not
@@ -312,6 +313,7 @@ class AlignerCollator:
             "input_features": feats["input_features"],
             "input_features_mask": feats["attention_mask"].long(),
             "num_slots": int((labels != IGNORE_INDEX).sum()),
+            "num_target_tokens": int((labels != IGNORE_INDEX).sum()),  # the loss normaliser (window collator)
             "slotted_words": [[(w.word, w.start, w.end) for w in timed] for _, _, timed in rows],
             "ids": [s.utt.id for s in samples],
             "languages": [s.utt.language for s in samples],

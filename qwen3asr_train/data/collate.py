@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,9 +174,13 @@ class SFTCollator:
 
 
 class WindowCollator:
-    """Collates a :class:`Window` into its micro-batches and tags each with the window's token count."""
+    """Collates a :class:`Window` into its micro-batches and tags each with the window's token count.
 
-    def __init__(self, collator: SFTCollator) -> None:
+    ``collator(samples, epoch)`` builds one micro-batch with ``num_target_tokens`` (SFT: target tokens;
+    aligner: timestamp slots).
+    """
+
+    def __init__(self, collator: Callable[..., dict]) -> None:
         self.collator = collator
 
     def __call__(self, item: tuple[Window, list[list[Sample]], int]) -> list[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.config.schema import DataConfig
-from qwen3asr_train.data.collate import SFTCollator, SFTOptions, WindowCollator, candidate_words
+from qwen3asr_train.data.collate import WindowCollator, candidate_words
 from qwen3asr_train.data.dataset import UtteranceDataset, WindowDataset
 from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, Utterance, read_manifests
 from qwen3asr_train.data.sampler import DurationWindowSampler
@@ -101,35 +101,44 @@ class DataPositionTracker(L.Callback):
             loader.sampler.mark_consumed(epoch, micro)
 
 
+def distractor_pool(train: Sequence[Utterance], seed: int, limit: int = 20000) -> list[str]:
+    """Hot-word distractors for context biasing: candidate words of the training transcripts."""
+    pool: list[str] = []
+    for utt in train:
+        pool.extend(candidate_words(utt.text, utt.language))
+    random.Random(seed).shuffle(pool)
+    return list(dict.fromkeys(pool))[:limit]
+
+
 class ASRDataModule(L.LightningDataModule):
-    """Training (windowed, augmented) and validation (plain, no augmentation) loaders for SFT."""
+    """Windowed training loader and plain validation loader around any micro-batch collator.
+
+    ``train_collator`` / ``valid_collator`` map ``(samples, epoch)`` to a micro-batch dict with
+    ``num_target_tokens`` (the units the loss is normalised by); SFT and the aligner bring their own.
+    """
 
     def __init__(
         self,
         cfg: DataConfig,
-        processor: Qwen3ASRProcessor,
-        train: Sequence[Utterance],
-        options: SFTOptions,
+        train_set: UtteranceDataset,
+        train_collator: Callable[..., dict],
         accumulate: int,
         seed: int,
-        hf_dataset: Any = None,
-        valid: Sequence[Utterance] = (),
+        valid_set: UtteranceDataset | None = None,
+        valid_collator: Callable[..., dict] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.processor = processor
-        self.options = options
+        self.train_set = train_set
+        self.train_collator = train_collator
+        self.valid_set = valid_set
+        self.valid_collator = valid_collator or train_collator
         self.accumulate = accumulate
         self.seed = seed
-        self.train_set = UtteranceDataset(train, cfg.on_bad_row, hf_dataset, cfg.hf_train.audio_column)
-        self.valid_set = UtteranceDataset(valid, cfg.on_bad_row) if valid else None
-        pool: list[str] = []
-        for utt in train:
-            pool.extend(candidate_words(utt.text, utt.language))
-        random.Random(seed).shuffle(pool)
-        self.distractors = list(dict.fromkeys(pool))[:20000]
 
-    def _loader(self, dataset: UtteranceDataset, options: SFTOptions, window: int, shuffle: bool) -> WindowedLoader:
+    def _loader(
+        self, dataset: UtteranceDataset, collator: Callable[..., dict], window: int, shuffle: bool
+    ) -> WindowedLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = DurationWindowSampler(
@@ -143,12 +152,11 @@ class ASRDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
         )
-        collate = WindowCollator(SFTCollator(self.processor, options, self.distractors))
         loader = DataLoader(
             WindowDataset(dataset),
             sampler=sampler,
             batch_size=None,
-            collate_fn=collate,
+            collate_fn=WindowCollator(collator),
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             prefetch_factor=2 if self.cfg.num_workers > 0 else None,
@@ -167,10 +175,9 @@ class ASRDataModule(L.LightningDataModule):
         return len(sampler.micro_batches(0))
 
     def train_dataloader(self) -> WindowedLoader:
-        return self._loader(self.train_set, self.options, self.accumulate, self.cfg.shuffle)
+        return self._loader(self.train_set, self.train_collator, self.accumulate, self.cfg.shuffle)
 
     def val_dataloader(self) -> WindowedLoader | list:
         if self.valid_set is None:
             return []
-        plain = SFTOptions(padding_side=self.options.padding_side, seed=self.seed)
-        return self._loader(self.valid_set, plain, 1, False)
+        return self._loader(self.valid_set, self.valid_collator, 1, False)

@@ -92,3 +92,20 @@ ASR_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
 )
+
+
+# Renders exactly :func:`aligner_input` with every word slotted from the messages
+# ``[{"role": "user", "content": [{"type": "audio", ...}, {"type": "text", "text": word}, ...]}]`` that the
+# transformers processor's ``prepare_forced_aligner_inputs`` builds, so exported aligners decode with it.
+ALIGNER_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(audio='', words=[]) -%}"
+    "{%- for message in messages -%}{%- if message.content is not string -%}"
+    "{%- for part in message.content -%}"
+    "{%- if part.type == 'audio' or 'audio' in part or 'audio_url' in part -%}"
+    "{%- set ns.audio = ns.audio + '" + AUDIO_SLOT + "' -%}"
+    "{%- elif part.type == 'text' -%}{%- set ns.words = ns.words + [part.text] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endfor -%}"
+    "{{- ns.audio -}}"
+    "{%- for word in ns.words -%}{{- word + '" + TIMESTAMP + TIMESTAMP + "' -}}{%- endfor -%}"
+)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from qwen3asr_train.config.schema import LoraConfig, ModelConfig
-from qwen3asr_train.data.prompts import ASR_CHAT_TEMPLATE
+from qwen3asr_train.data.prompts import ALIGNER_CHAT_TEMPLATE, ASR_CHAT_TEMPLATE
 from qwen3asr_train.model.convert import (
     CheckpointLayoutError,
     is_aligner_config,
@@ -70,38 +70,76 @@ def select_attention(requested: str) -> str:
     return "sdpa"
 
 
-def load_checkpoint(
-    directory: Path, task: str, dtype: torch.dtype, attn_implementation: str
-) -> tuple[AsrModel, Qwen3ASRProcessor]:
-    """Load a native or original-layout checkpoint strictly (no missing, no unexpected weights)."""
-    raw = read_config_json(directory)
-    aligner = task == "aligner"
+def _load_strict(directory: Path, raw: dict, aligner: bool, dtype: torch.dtype, attn: str) -> AsrModel:
+    """The checkpoint as stored (ASR or aligner class by its own config), every weight accounted for."""
     cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
     if is_original_config(raw):
-        if aligner != is_aligner_config(raw):
-            raise CheckpointLayoutError(
-                f"{directory}: model.task={task} but the checkpoint is "
-                f"{'a forced aligner' if is_aligner_config(raw) else 'an ASR model'}"
-            )
         config = Qwen3ASRConfig(**original_to_native_config(raw))
         model, info = cls.from_pretrained(
             directory,
             config=config,
             key_mapping=original_key_mapping(aligner),
             dtype=dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=attn,
             output_loading_info=True,
         )
         _raise_on_load_problems(directory, info)
         log.info("loaded original-layout checkpoint %s (converted to the native layout)", directory)
     else:
-        model, info = cls.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
-        )
+        model, info = cls.from_pretrained(directory, dtype=dtype, attn_implementation=attn, output_loading_info=True)
         _raise_on_load_problems(directory, info)
         log.info("loaded native checkpoint %s", directory)
+    return model
+
+
+def aligner_from_asr(
+    asr: Qwen3ASRForConditionalGeneration, num_labels: int, classifier_dropout: float
+) -> Qwen3ASRForTokenClassification:
+    """A forced aligner whose encoder, projector and LLM are the ASR model's, with a fresh time-bin head.
+
+    Why: the released aligner was initialised from the ASR model family; users re-training the aligner
+    for a new language start from their ASR checkpoint. The head is untied and randomly initialised.
+    """
+    config = Qwen3ASRConfig.from_dict(asr.config.to_dict())
+    config.num_labels = num_labels
+    config.classifier_dropout = classifier_dropout
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    config.architectures = ["Qwen3ASRForTokenClassification"]
+    config._attn_implementation = asr.config._attn_implementation
+    aligner = Qwen3ASRForTokenClassification(config).to(next(asr.parameters()).dtype)
+    aligner.model.load_state_dict(asr.model.state_dict(), strict=True)  # raises on any mismatch
+    log.info("initialised a %d-class aligner head on the ASR backbone", num_labels)
+    return aligner
+
+
+def load_checkpoint(
+    directory: Path,
+    task: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    num_labels: int = 5000,
+    classifier_dropout: float = 0.0,
+) -> tuple[AsrModel, Qwen3ASRProcessor]:
+    """Load a native or original-layout checkpoint strictly (no missing, no unexpected weights).
+
+    ``task=aligner`` on an ASR checkpoint builds an aligner on its backbone (:func:`aligner_from_asr`);
+    ``task=asr`` on an aligner checkpoint is refused.
+    """
+    raw = read_config_json(directory)
+    stored_aligner = is_aligner_config(raw)
+    if task == "asr" and stored_aligner:
+        raise CheckpointLayoutError(f"{directory}: model.task=asr but the checkpoint is a forced aligner")
+    model = _load_strict(directory, raw, stored_aligner, dtype, attn_implementation)
     processor = AutoProcessor.from_pretrained(directory)
-    if processor.chat_template is None and not aligner:
+    if task == "aligner":
+        if not stored_aligner:
+            model = aligner_from_asr(model, num_labels, classifier_dropout)
+        else:
+            model.config.classifier_dropout = classifier_dropout
+            model.dropout.p = classifier_dropout
+        processor.chat_template = ALIGNER_CHAT_TEMPLATE
+    elif processor.chat_template is None:
         processor.chat_template = ASR_CHAT_TEMPLATE
     return model, processor
 
@@ -154,15 +192,21 @@ def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> t
     """Build the model and processor described by ``cfg`` (``texts`` train the tiny BPE)."""
     attn = select_attention(cfg.attn_implementation)
     if cfg.source == "tiny":
-        sizes = cfg.tiny
-        if cfg.task == "aligner" and sizes.num_labels <= 0:
-            raise ValueError("model.tiny.num_labels must be > 0 for model.task=aligner")
-        model, processor = build_tiny(sizes, texts, seed=seed)
+        aligner = cfg.task == "aligner"
+        model, processor = build_tiny(
+            cfg.tiny,
+            texts,
+            seed=seed,
+            num_labels=cfg.num_labels if aligner else 0,
+            classifier_dropout=cfg.classifier_dropout,
+        )
         model.config._attn_implementation = attn
         model.to(DTYPES[cfg.dtype])
     else:
         assert cfg.path is not None
-        model, processor = load_checkpoint(resolve_checkpoint_dir(cfg.path), cfg.task, DTYPES[cfg.dtype], attn)
+        model, processor = load_checkpoint(
+            resolve_checkpoint_dir(cfg.path), cfg.task, DTYPES[cfg.dtype], attn, cfg.num_labels, cfg.classifier_dropout
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_trainable(model, cfg)

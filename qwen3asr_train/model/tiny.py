@@ -29,6 +29,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from qwen3asr_train.config.schema import TinyModelConfig
 from qwen3asr_train.data.prompts import (
+    ALIGNER_CHAT_TEMPLATE,
     ASR_CHAT_TEMPLATE,
     ASR_TEXT,
     AUDIO_END,
@@ -90,19 +91,23 @@ def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 384) -> Qwen2To
     return tokenizer
 
 
-def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen3ASRProcessor:
-    """Processor with the default 128-bin feature extractor and our ASR chat template."""
+def build_processor(tokenizer: Qwen2Tokenizer, aligner: bool = False) -> Qwen3ASRProcessor:
+    """Processor with the default 128-bin feature extractor and our ASR (or forced-aligner) chat template."""
     return Qwen3ASRProcessor(
-        feature_extractor=Qwen3ASRFeatureExtractor(), tokenizer=tokenizer, chat_template=ASR_CHAT_TEMPLATE
+        feature_extractor=Qwen3ASRFeatureExtractor(),
+        tokenizer=tokenizer,
+        chat_template=ALIGNER_CHAT_TEMPLATE if aligner else ASR_CHAT_TEMPLATE,
     )
 
 
-def build_config(tokenizer: Qwen2Tokenizer, sizes: TinyModelConfig) -> Qwen3ASRConfig:
-    """A real Qwen3ASRConfig at toy size whose special ids come from ``tokenizer``."""
+def build_config(
+    tokenizer: Qwen2Tokenizer, sizes: TinyModelConfig, num_labels: int = 0, classifier_dropout: float = 0.0
+) -> Qwen3ASRConfig:
+    """A real Qwen3ASRConfig at toy size whose special ids come from ``tokenizer`` (an aligner if ``num_labels``)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (AUDIO_PAD, TIMESTAMP, IM_END, ENDOFTEXT)}
     extra = {}
-    if sizes.num_labels > 0:
-        extra = {"num_labels": sizes.num_labels, "classifier_dropout": 0.0}
+    if num_labels > 0:
+        extra = {"num_labels": num_labels, "classifier_dropout": classifier_dropout}
     return Qwen3ASRConfig(
         audio_config={
             "model_type": "qwen3_asr_encoder",
@@ -127,14 +132,14 @@ def build_config(tokenizer: Qwen2Tokenizer, sizes: TinyModelConfig) -> Qwen3ASRC
             "num_key_value_heads": sizes.text_kv_heads,
             "head_dim": sizes.text_head_dim,
             "max_position_embeddings": 32768,
-            "tie_word_embeddings": sizes.num_labels == 0,
+            "tie_word_embeddings": num_labels == 0,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
         },
         audio_token_id=ids[AUDIO_PAD],
         timestamp_token_id=ids[TIMESTAMP],
         pad_token_id=ids[IM_END],
         eos_token_id=[ids[ENDOFTEXT], ids[IM_END]],
-        tie_word_embeddings=sizes.num_labels == 0,
+        tie_word_embeddings=num_labels == 0,
         **extra,
     )
 
@@ -156,15 +161,19 @@ def he_init_audio_convs(model: torch.nn.Module) -> None:
 
 
 def build_tiny(
-    sizes: TinyModelConfig, texts: Iterable[str] = (), seed: int = 0
+    sizes: TinyModelConfig,
+    texts: Iterable[str] = (),
+    seed: int = 0,
+    num_labels: int = 0,
+    classifier_dropout: float = 0.0,
 ) -> tuple[Qwen3ASRForConditionalGeneration | Qwen3ASRForTokenClassification, Qwen3ASRProcessor]:
-    """Tokenizer + processor + randomly initialised model (ASR, or the aligner when ``sizes.num_labels > 0``)."""
+    """Tokenizer + processor + randomly initialised model (ASR, or the aligner when ``num_labels > 0``)."""
     tokenizer = build_tokenizer(texts, sizes.vocab_size)
-    processor = build_processor(tokenizer)
-    config = build_config(tokenizer, sizes)
+    processor = build_processor(tokenizer, aligner=num_labels > 0)
+    config = build_config(tokenizer, sizes, num_labels, classifier_dropout)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        cls = Qwen3ASRForTokenClassification if sizes.num_labels > 0 else Qwen3ASRForConditionalGeneration
+        cls = Qwen3ASRForTokenClassification if num_labels > 0 else Qwen3ASRForConditionalGeneration
         model = cls(config)
         if sizes.init == "he_conv":
             he_init_audio_convs(model)

@@ -23,6 +23,7 @@ from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.eval.decode import decode_distributed
 from qwen3asr_train.eval.hook import decode_options, load_eval_sets
 from qwen3asr_train.model.builder import build_model
+from qwen3asr_train.model.convert import is_aligner_config, read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tup
         cfg = ModelConfig(
             source="pretrained",
             path=str(path),
-            task=base.task,
+            task="aligner" if is_aligner_config(read_config_json(path)) else "asr",
             dtype=base.dtype,
             attn_implementation=base.attn_implementation,
         )
@@ -46,6 +47,23 @@ def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tup
         model, processor, _ = rebuild_from_run(*find_checkpoint(path))
     model.eval()
     return model, processor
+
+
+def _evaluate_aligner(
+    model: torch.nn.Module, processor: Any, sets: dict[str, list], out_dir: Path, recipe: EvalConfig, rank: int
+) -> dict[str, Any]:
+    """AAS per set and language (+ the energy baseline), alignments as JSON/TextGrid, a few plots."""
+    from qwen3asr_train.eval.align_eval import AlignmentEvaluator
+    from qwen3asr_train.stages.aligner import usable_for_alignment
+
+    for name, samples in sets.items():
+        keep = {u.id for u in usable_for_alignment([s.utt for s in samples], "error", f"evaluation set {name}")}
+        sets[name] = [s for s in samples if s.utt.id in keep]
+    evaluator = AlignmentEvaluator(processor, sets, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size)
+    metrics = evaluator.evaluate(model, out_dir, write=rank == 0)
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -59,6 +77,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row)
+    if not hasattr(model, "generate"):  # a forced aligner: timestamps, not transcripts
+        return _evaluate_aligner(model, processor, sets, out_dir, recipe, rank)
     opts = decode_options(recipe.decode)
     results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
     summary: dict[str, Any] = {}

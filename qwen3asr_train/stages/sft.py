@@ -23,14 +23,16 @@ import torch
 from omegaconf import OmegaConf
 
 from qwen3asr_train.config.schema import RunConfig, SFTConfig
-from qwen3asr_train.data.collate import SFTOptions
+from qwen3asr_train.data.collate import SFTCollator, SFTOptions
 from qwen3asr_train.data.datamodule import (
     ASRDataModule,
     DataPositionTracker,
+    distractor_pool,
     drop_long_targets,
     load_train_utterances,
     row_checks,
 )
+from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import read_manifests
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.eval.hook import build_asr_hook
@@ -208,8 +210,16 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         no_speech_prob=recipe.no_speech_prob,
         seed=cfg.seed,
     )
+    collator = SFTCollator(processor, options, distractor_pool(train, cfg.seed))
+    plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
     datamodule = ASRDataModule(
-        cfg.data, processor, train, options, cfg.trainer.accumulate_grad_batches, cfg.seed, hf_dataset=hf, valid=valid
+        cfg.data,
+        UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column),
+        collator,
+        cfg.trainer.accumulate_grad_batches,
+        cfg.seed,
+        UtteranceDataset(valid, cfg.data.on_bad_row) if valid else None,
+        plain,
     )
     resume = resolve_resume(recipe.resume_from, run_dir)
     hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)

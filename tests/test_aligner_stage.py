@@ -1,0 +1,159 @@
+"""Aligner stage: slot loss, initialisation from ASR, end-to-end run, export decoded by plain transformers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen3asr_train.config.schema import ModelConfig
+from qwen3asr_train.data.aligner import AlignerCollator
+from qwen3asr_train.data.datamodule import row_checks
+from qwen3asr_train.data.dataset import UtteranceDataset
+from qwen3asr_train.data.manifest import read_manifest
+from qwen3asr_train.data.synthetic import write_tone_corpus
+from qwen3asr_train.losses import slot_ce, timestamp_ce
+from qwen3asr_train.model.builder import build_model
+from qwen3asr_train.model.export import save_native, save_original
+from qwen3asr_train.stages import aligner as aligner_stage
+from qwen3asr_train.stages import evaluate as eval_stage
+from tests.conftest import make_config
+
+NUM_CLASSES = 64
+
+
+@pytest.fixture(scope="module")
+def tone_manifest(tmp_path_factory) -> Path:
+    return write_tone_corpus(tmp_path_factory.mktemp("tones"), 16, seed=4)
+
+
+def _samples(manifest: Path, cfg_data):
+    data = UtteranceDataset(read_manifest(manifest, row_checks(cfg_data)))
+    return [data.load(i) for i in range(len(data))]
+
+
+def test_slot_loss_equals_full_logits_timestamp_loss(tone_manifest, tmp_path):
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={tone_manifest}",
+            "trainer.max_steps=1",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    model, processor = build_model(cfg.model, seed=0)
+    model.eval()
+    batch = AlignerCollator(processor, NUM_CLASSES, 0.6, seed=0)(_samples(tone_manifest, cfg.data)[:4])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        hidden = model.model(**inputs).last_hidden_state
+    ref_sum, ref_n = timestamp_ce(full, batch["labels"])
+    ours_sum, ours_n, _ = slot_ce(hidden, batch["labels"], lambda h: model.score(model.dropout(h)))
+    assert int(ref_n) == int(ours_n) == batch["num_slots"]
+    assert torch.allclose(ours_sum, ref_sum, atol=1e-5)
+
+
+def test_aligner_from_asr_checkpoint_keeps_backbone(tiny_model_and_processor, tmp_path):
+    asr, processor = tiny_model_and_processor
+    for layout, saver in (("native", save_native), ("original", save_original)):
+        directory = saver(asr, processor, tmp_path / layout)
+        aligner, proc = build_model(
+            ModelConfig(source="pretrained", path=str(directory), task="aligner", num_labels=NUM_CLASSES)
+        )
+        assert aligner.score.out_features == NUM_CLASSES and not aligner.config.tie_word_embeddings
+        for name, value in asr.model.state_dict().items():
+            assert torch.equal(aligner.model.state_dict()[name], value), (layout, name)
+        assert "<timestamp>" in proc.chat_template
+
+
+PLAIN_ALIGNER = r"""
+import json, sys
+import soundfile as sf
+from transformers import AutoProcessor, Qwen3ASRForTokenClassification
+d, manifest = sys.argv[1], sys.argv[2]
+assert not any(m.startswith("qwen3asr_train") for m in sys.modules)
+processor = AutoProcessor.from_pretrained(d)
+model = Qwen3ASRForTokenClassification.from_pretrained(d)
+row = json.loads(open(manifest).readline())
+audio, rate = sf.read(row["audio"], dtype="float32")
+inputs, words = processor.prepare_forced_aligner_inputs(audio=[audio], transcript=[row["text"]], language="English")
+logits = model(**inputs).logits
+out = processor.decode_forced_alignment(logits, inputs["input_ids"], words, model.config.timestamp_token_id)
+print("ALIGNED", json.dumps(out[0]))
+"""
+
+
+def test_aligner_run_export_and_plain_transformers_decoding(tone_manifest, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={tone_manifest}",
+            "trainer=cpu",
+            "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "data.num_workers=0",
+            "data.max_batch_seconds=8",
+            "recipe.optim.lr=1e-3",
+            "recipe.concat_max_seconds=5",
+            f"+evaluation.sets.dev={tone_manifest}",
+            "evaluation.every_n_steps=2",
+            f"run_dir={run_dir}",
+        ]
+    )
+    written = aligner_stage.run(cfg)
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    keys = set().union(*(r.keys() for r in rows))
+    for key in (
+        "train/loss",
+        "train/slot_accuracy",
+        "train/slot_error_ms",
+        "val/dev/aas_ms",
+        "val/dev/within_20ms",
+        "val/dev/within_50ms",
+        "val/dev/within_100ms",
+        "val/dev/baseline_aas_ms",
+    ):
+        assert key in keys, key
+    step_dir = run_dir / "eval" / "step-00000004"
+    assert (step_dir / "alignments-dev.json").exists() and list((step_dir / "textgrids-dev").glob("*.TextGrid"))
+    assert list((step_dir / "plots-dev").glob("*.png"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_ALIGNER, written["export"], str(tone_manifest)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aligned = json.loads(proc.stdout.split("ALIGNED", 1)[1])
+    first = json.loads(open(tone_manifest).readline())
+    assert [w["text"] for w in aligned] == [w["word"] for w in first["words"]]
+    assert all(w["start_time"] <= w["end_time"] for w in aligned)
+    # recipe=eval on the export reports AAS per set and language
+    metrics = eval_stage.run(
+        make_config(
+            [
+                "recipe=eval",
+                f"recipe.model_path={written['export']}",
+                f"+recipe.sets.dev={tone_manifest}",
+                f"run_dir={tmp_path / 'eval'}",
+            ]
+        )
+    )
+    assert "val/dev/aas_ms" in metrics and (tmp_path / "eval" / "alignment_summary.md").exists()
