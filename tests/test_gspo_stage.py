@@ -159,6 +159,8 @@ def test_gspo_ddp_two_cpu_processes(manifest_dir, tmp_path):
         "model=tiny",
         f"data.train={manifest_dir / 'train.jsonl'}",
         "trainer=ddp",
+        "model.freeze_audio_encoder=true",
+        "recipe.optim.lr=1e-2",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_steps=2",
@@ -177,6 +179,13 @@ def test_gspo_ddp_two_cpu_processes(manifest_dir, tmp_path):
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     assert any(r.get("rollout/reward_mean") for r in rows)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    from safetensors.torch import load_file
+
+    before = load_file(str(run_dir / "model_init" / "model.safetensors"))
+    after = load_file(str(run_dir / "export" / "model.safetensors"))
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name])
+        assert moved != name.startswith("model.audio_tower."), f"{name}: moved={moved}"
 
 
 def test_config_rules(tmp_path):

@@ -18,6 +18,9 @@ import torchaudio
 SAMPLE_RATE = 16000
 """The model's input rate."""
 
+DURATION_SLACK_SECONDS = 0.02
+"""How far a manifest segment may run past the end of its file (rounded durations); beyond it is an error."""
+
 
 class AudioError(RuntimeError):
     """Audio that cannot be read; the message names the file (and the manifest line when known)."""
@@ -52,7 +55,9 @@ def load_audio(
         rate = handle.samplerate
         start = int(round(offset * rate))
         frames = -1 if duration is None else int(round(duration * rate))
-        if start > handle.frames or (frames > 0 and start + frames > handle.frames + 1):
+        # manifests round durations (to the millisecond, or a TextGrid's end time): tolerate 20 ms past the end
+        slack = int(DURATION_SLACK_SECONDS * rate)
+        if start >= handle.frames or (frames > 0 and start + frames > handle.frames + slack):
             raise AudioError(
                 f"{label}: segment offset={offset:.3f}s duration={duration}s lies outside the file "
                 f"({handle.frames / rate:.3f}s)"

@@ -188,6 +188,18 @@ def apply_lora(model: AsrModel, lora: LoraConfig) -> AsrModel:
     return model
 
 
+def merge_lora(model: torch.nn.Module) -> int:
+    """Fold every peft LoRA layer into its base linear layer and put the base layer back; returns the count."""
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
 def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> tuple[AsrModel, Qwen3ASRProcessor]:
     """Build the model and processor described by ``cfg`` (``texts`` train the tiny BPE)."""
     attn = select_attention(cfg.attn_implementation)

@@ -160,3 +160,23 @@ def _write_run_config(directory: Path, run_config: Mapping[str, Any] | None) -> 
         (directory / "qwen3asr_train_run.json").write_text(
             json.dumps(run_config, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
         )
+
+
+def save_model_init(model: AsrModel, processor: Qwen3ASRProcessor, init_dir: Path, from_scratch: bool) -> None:
+    """``<run_dir>/model_init``: what export rebuilds the architecture from (config + processor), plus the
+    initial weights of a model built from scratch (random weights exist nowhere else; "before training"
+    evaluations load them). LoRA adapters are merged first (at init they are zero, so the weights are the
+    base weights) so the directory loads as a plain model.
+    """
+    if not from_scratch:
+        model.config.save_pretrained(init_dir)
+        processor.save_pretrained(init_dir)
+        return
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        import copy
+
+        from qwen3asr_train.model.builder import merge_lora
+
+        model = copy.deepcopy(model)
+        merge_lora(model)
+    save_native(model, processor, init_dir)

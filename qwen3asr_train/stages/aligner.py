@@ -39,7 +39,7 @@ from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.languages import FORCED_ALIGNER_LANGUAGES
 from qwen3asr_train.losses import slot_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_native
+from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config, total_optimizer_steps
 from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer, checkpoint_step
 
@@ -242,11 +242,7 @@ def prepare(
             "too_long",
         )
     init_dir = run_dir / MODEL_INIT_DIR
-    if cfg.model.source == "tiny":
-        save_native(model, processor, init_dir)
-    else:
-        model.config.save_pretrained(init_dir)
-        processor.save_pretrained(init_dir)
+    save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
 
     dataset = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
     if recipe.concat_max_seconds > 0:

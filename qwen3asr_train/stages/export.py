@@ -17,7 +17,7 @@ import torch
 from transformers import AutoProcessor, Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 from qwen3asr_train.config.schema import ExportConfig, LoraConfig, RunConfig
-from qwen3asr_train.model.builder import AsrModel, apply_lora
+from qwen3asr_train.model.builder import AsrModel, apply_lora, merge_lora
 from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys
 from qwen3asr_train.model.export import save_native, save_original
 
@@ -43,18 +43,6 @@ def load_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
     payload = torch.load(ckpt, map_location="cpu", weights_only=False)
     return payload["state_dict"]
-
-
-def merge_lora(model: torch.nn.Module) -> int:
-    """Fold every peft LoRA layer into its base linear layer and put the base layer back; returns the count."""
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-            merged += 1
-    return merged
 
 
 def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str, Any]]:

@@ -38,7 +38,7 @@ from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import Utterance, read_manifests
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_native
+from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.rl import gspo as gspo_math
 from qwen3asr_train.rl.rewards import CompositeReward, RewardInput
 from qwen3asr_train.rl.rollout import (
@@ -394,11 +394,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     texts = [u.text for utts, _, _ in sources for u in utts]
     model, processor = build_model(cfg.model, texts=texts, seed=cfg.seed)
     init_dir = run_dir / MODEL_INIT_DIR
-    if cfg.model.source == "tiny":
-        save_native(model, processor, init_dir)
-    else:
-        model.config.save_pretrained(init_dir)
-        processor.save_pretrained(init_dir)
+    save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
     ref_model = None
     if recipe.kl_beta > 0:
         ref_model, _ = build_model(cfg.model, texts=texts, seed=cfg.seed)

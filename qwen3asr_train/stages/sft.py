@@ -38,7 +38,7 @@ from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_native
+from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer, checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
     train = drop_long_targets(train, processor, cfg.data)
     init_dir = run_dir / MODEL_INIT_DIR
-    if cfg.model.source == "tiny":  # random weights exist nowhere else: keep them (evaluation before training)
-        save_native(model, processor, init_dir)
-    else:
-        model.config.save_pretrained(init_dir)
-        processor.save_pretrained(init_dir)
+    save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
 
     options = SFTOptions(
         forced_language_prob=recipe.forced_language_prob,
