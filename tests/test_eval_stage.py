@@ -47,6 +47,8 @@ def test_hook_logs_at_interval_and_numbers_match_the_written_files(hooked_run):
         rescored = rescore_recogs(recogs)["dev"]
         assert rescored["corpus"]["rate"] == pytest.approx(wer, abs=1e-12)
     assert (hooked_run / "checkpoints" / "best.ckpt").exists()
+    samples = [json.loads(line) for line in open(hooked_run / "logs" / "samples.jsonl")]
+    assert {s["step"] for s in samples} == {2, 4} and all(s["reference"] for s in samples)
     for key in ("val/dev/sub_rate", "val/dev/del_rate", "val/dev/ins_rate", "val/dev/lid_acc"):
         assert any(r.get(key) for r in rows), key
 

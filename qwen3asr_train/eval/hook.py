@@ -9,6 +9,7 @@ measured after; the artifacts of each evaluation go to ``<run_dir>/eval/step-<N>
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -67,6 +68,7 @@ class ASREvaluator:
         self.sets = sets
         self.opts = opts
         self.samples_to_log = samples_to_log
+        self.samples: list[dict[str, str]] = []
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         from qwen3asr_train.eval.report import log_metrics, write_reports
@@ -78,11 +80,38 @@ class ASREvaluator:
             return {}
         summary = write_reports(out_dir, results)
         metrics: dict[str, float] = {}
+        self.samples = []
         for name, rows in results.items():
             metrics.update(log_metrics(summary, name))
             for row in rows[: self.samples_to_log]:
                 log.info("[%s] %s\n  ref: %s\n  hyp: %s", name, row.id, row.reference, row.hypothesis)
+                self.samples.append(
+                    {"set": name, "id": row.id, "reference": row.reference, "hypothesis": row.hypothesis}
+                )
         return metrics
+
+
+def log_samples(logger: Any, samples: list[dict[str, str]], step: int) -> None:
+    """Reference/hypothesis pairs to the active logger: a wandb table, TensorBoard text, or ``samples.jsonl``
+    next to the CSV metrics (a CSV column cannot hold them)."""
+    if not samples:
+        return
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_text(
+            key="val/samples", columns=list(samples[0]), data=[list(s.values()) for s in samples], step=step
+        )
+    elif isinstance(logger, TensorBoardLogger):
+        lines = ["| set | id | reference | hypothesis |", "|---|---|---|---|"]
+        lines += [f"| {s['set']} | {s['id']} | {s['reference']} | {s['hypothesis']} |" for s in samples]
+        logger.experiment.add_text("val/samples", "\n".join(lines), global_step=step)
+    elif isinstance(logger, CSVLogger):
+        path = Path(logger.log_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
 
 
 class PeriodicEvaluation(L.Callback):
@@ -119,6 +148,7 @@ class PeriodicEvaluation(L.Callback):
         self.history.append((step, metrics))
         if trainer.is_global_zero and trainer.logger is not None and metrics:
             trainer.logger.log_metrics(metrics, step=step)
+            log_samples(trainer.logger, getattr(self.evaluator, "samples", []), step)
             trainer.logger.save()
         if self.monitor is not None:
             if self.monitor not in metrics:
