@@ -57,6 +57,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
 
 
+class TorchRNGState(L.Callback):
+    """Saves and restores torch's global RNG (sampling, dropout) with every checkpoint, in every stage,
+    so a resumed run draws what the uninterrupted one would have."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
 def _wrap_layers(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     """Audio-encoder and decoder layer classes (FSDP/activation-checkpointing units; never the embeddings,
     so the tied embedding and head stay in the root unit)."""
@@ -170,7 +182,7 @@ def build_trainer(
         mode="max",
         save_on_train_epoch_end=True,
     )
-    callbacks: list[L.Callback] = [checkpoint, *extra_callbacks]
+    callbacks: list[L.Callback] = [checkpoint, TorchRNGState(), *extra_callbacks]
     logger = build_logger(cfg.logger, run_dir, resume_step)
     plugins = [AtomicCheckpointIO()] if t.strategy == "auto" else []
     return L.Trainer(

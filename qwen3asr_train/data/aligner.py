@@ -38,11 +38,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import torch
 from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
-from qwen3asr_train.data.collate import IGNORE_INDEX, row_rng
+from qwen3asr_train.data.collate import IGNORE_INDEX, pad_rows, row_rng
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.manifest import AlignedWord, Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
@@ -297,15 +296,9 @@ class AlignerCollator:
             self.row(s, self.slots(s, epoch), audio_tokens_for_frames(int(f)))
             for s, f in zip(samples, frames, strict=True)
         ]
-        length = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
-        for i, (ids, labs, _) in enumerate(rows):
-            start = length - len(ids) if self.padding_side == "left" else 0
-            input_ids[i, start : start + len(ids)] = torch.tensor(ids)
-            labels[i, start : start + len(ids)] = torch.tensor(labs)
-            attention[i, start : start + len(ids)] = 1
+        input_ids, labels, attention = pad_rows(
+            [(ids, labs) for ids, labs, _ in rows], self.pad_id, self.padding_side
+        )  # each (B, L)
         return {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -63,6 +63,28 @@ class RowPlan:
     text: str
 
 
+def pad_rows(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, attention_mask)``, each ``(B, L)``, from per-row ids and aligned labels.
+
+    Rows are placed at the right (``side="left"``, the generation convention) or left end of the padded
+    length; labels move with their tokens, so a label mask can never shift by the padding.
+    """
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, L)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)  # (B, L)
+    for i, (ids, labs) in enumerate(rows):
+        if len(ids) != len(labs):
+            raise ValueError(f"row {i}: {len(ids)} ids but {len(labs)} labels")
+        start = length - len(ids) if side == "left" else 0
+        input_ids[i, start : start + len(ids)] = torch.tensor(ids)
+        labels[i, start : start + len(ids)] = torch.tensor(labs)
+        attention[i, start : start + len(ids)] = 1
+    return input_ids, labels, attention
+
+
 def row_rng(seed: int, epoch: int, index: int) -> random.Random:
     """Augmentation choices depend only on (seed, epoch, dataset index): resumed runs repeat them exactly."""
     return random.Random(zlib.crc32(f"{seed}/{epoch}/{index}".encode()))
@@ -150,16 +172,9 @@ class SFTCollator:
         )
         frames = feats["attention_mask"].sum(-1).tolist()
         rows = [self.token_ids(p, audio_tokens_for_frames(int(f))) for p, f in zip(plans, frames, strict=True)]
-        length = max(len(p) + len(t) for p, t in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (prompt, target) in enumerate(rows):
-            n = len(prompt) + len(target)
-            start = length - n if self.options.padding_side == "left" else 0
-            input_ids[i, start : start + n] = torch.tensor(prompt + target)
-            labels[i, start + len(prompt) : start + n] = torch.tensor(target)
-            attention[i, start : start + n] = 1
+        input_ids, labels, attention = pad_rows(
+            [(p + t, [IGNORE_INDEX] * len(p) + t) for p, t in rows], self.pad_id, self.options.padding_side
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": attention,

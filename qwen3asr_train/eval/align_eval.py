@@ -37,23 +37,9 @@ from qwen3asr_train.eval.alignment import (
     write_alignments_json,
     write_textgrid,
 )
+from qwen3asr_train.eval.decode import duration_batches
 
 log = logging.getLogger(__name__)
-
-
-def _batches(samples: Sequence[Sample], max_seconds: float, max_size: int) -> list[list[int]]:
-    order = sorted(range(len(samples)), key=lambda i: (samples[i].utt.duration, i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = max(samples[j].utt.duration for j in [*current, i])
-        if current and ((len(current) + 1) * longest > max_seconds or len(current) >= max_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 @torch.no_grad()
@@ -67,7 +53,7 @@ def align(
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed."""
     collator = AlignerCollator(processor, int(model.config.num_labels), slot_prob=1.0, seed=0)
     timestamp_id = processor.tokenizer.convert_tokens_to_ids(TIMESTAMP)
-    plan = _batches(samples, max_batch_seconds, max_batch_size)
+    plan = duration_batches([s.utt.duration for s in samples], max_batch_seconds, max_batch_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     was_training = model.training

@@ -61,19 +61,25 @@ class DecodeResult:
     dialect: str | None = None
 
 
-def _batches(samples: Sequence[Sample], opts: DecodeOptions) -> list[list[int]]:
-    order = sorted(range(len(samples)), key=lambda i: (samples[i].utt.duration, i))
+def duration_batches(durations: Sequence[float], max_seconds: float, max_size: int) -> list[list[int]]:
+    """Indices sorted by duration, cut into batches of at most ``max_seconds`` padded seconds / ``max_size``
+    items. Deterministic, so every rank of a sharded evaluation computes the same plan."""
+    order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = max(samples[j].utt.duration for j in [*current, i])
-        if current and ((len(current) + 1) * longest > opts.max_batch_seconds or len(current) >= opts.max_batch_size):
+        longest = max(durations[j] for j in [*current, i])
+        if current and ((len(current) + 1) * longest > max_seconds or len(current) >= max_size):
             batches.append(current)
             current = []
         current.append(i)
     if current:
         batches.append(current)
     return batches
+
+
+def _batches(samples: Sequence[Sample], opts: DecodeOptions) -> list[list[int]]:
+    return duration_batches([s.utt.duration for s in samples], opts.max_batch_seconds, opts.max_batch_size)
 
 
 @torch.no_grad()

@@ -55,31 +55,23 @@ _NATIVE_TO_ORIGINAL: tuple[tuple[str, str], ...] = (
 MROPE_SECTION_FULL = (24, 20, 20)
 """The released checkpoints' interleaved M-RoPE split of head_dim/2 = 64 rotary pairs."""
 
-_AUDIO_FIELDS = frozenset(f.name for f in dataclasses.fields(Qwen3ASREncoderConfig)) - {
-    "transformers_version",
-    "architectures",
-    "dtype",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "return_dict",
-    "output_hidden_states",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-}
-_TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(Qwen3Config)) - {
-    "transformers_version",
-    "architectures",
-    "dtype",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "return_dict",
-    "output_hidden_states",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "rope_parameters",
-}
+_GENERIC_FIELDS = frozenset(
+    {
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "return_dict",
+        "output_hidden_states",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+    }
+)
+"""PreTrainedConfig bookkeeping fields that are not part of a sub-model's architecture."""
+_AUDIO_FIELDS = frozenset(f.name for f in dataclasses.fields(Qwen3ASREncoderConfig)) - _GENERIC_FIELDS
+_TEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(Qwen3Config)) - _GENERIC_FIELDS - {"rope_parameters"}
 
 
 def is_original_config(config: Mapping[str, Any]) -> bool:

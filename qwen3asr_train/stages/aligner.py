@@ -176,13 +176,6 @@ class AlignerModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self, self.recipe.optim, self.total_steps)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-
 
 def usable_for_alignment(items: Sequence[Utterance], policy: str, what: str) -> list[Utterance]:
     """Utterances with word times matching the aligner's word units; others raise or are skipped (counted)."""

@@ -353,13 +353,6 @@ class GSPOModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self, self.recipe.optim, self.total_steps)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Only the policy is checkpointed (the frozen reference model is rebuilt from its path)."""
         state = super().state_dict(*args, **kwargs)

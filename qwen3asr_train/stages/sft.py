@@ -149,13 +149,6 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self, self.recipe.optim, self.total_steps)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-
 
 def total_optimizer_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     """Optimizer steps of the run (for the schedule): max_steps, or epochs × steps per epoch."""
