@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${ALIGNER_STEPS:-2000}; exp=exp/aligner_synthetic
+stage=0; stop_stage=100; steps=${ALIGNER_STEPS:-3000}; exp=exp/aligner_synthetic
 while [ $# -gt 0 ]; do
   case $1 in
     --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;;
@@ -48,8 +48,8 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
   $PY -m qwen3asr_train recipe=aligner model=small model.num_labels=375 \
     data.train=$exp/manifests/train.jsonl data.max_batch_seconds=60 data.num_workers=1 \
     trainer=cpu trainer.max_steps=$steps trainer.log_every_n_steps=50 trainer.checkpoint_every_n_steps=500 \
-    trainer.enable_progress_bar=false recipe.optim.lr=1e-3 recipe.optim.warmup_steps=50 recipe.slot_prob=0.5 \
-    recipe.concat_max_seconds=20 +evaluation.sets.heldout=$exp/manifests/test.jsonl \
+    trainer.enable_progress_bar=false recipe.optim.lr=1e-3 recipe.optim.warmup_steps=50 \
+    recipe.optim.schedule=constant recipe.slot_prob=0.8 +evaluation.sets.heldout=$exp/manifests/test.jsonl \
     evaluation.every_n_steps=$((steps / 4)) hydra.run.dir=$exp/train
   touch $exp/train/.done
 fi
