@@ -439,6 +439,8 @@ class DecodeConfig:
     """Generation budget per second of audio (bounds runaway loops)."""
     min_new_tokens: int = 16
     """Budget added to the duration bound."""
+    max_new_tokens_cap: int = 4096
+    """Hard upper bound on generated tokens."""
     forced_language: bool = False
     """Prefill ``language X<asr_text>`` with the reference language."""
     use_context: bool = True

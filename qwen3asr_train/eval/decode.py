@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.config.schema import DecodeConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
@@ -25,26 +26,8 @@ from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How to decode."""
-
-    max_batch_seconds: float = 240.0
-    """Padded audio seconds per decoding batch."""
-    max_batch_size: int = 32
-    """Utterances per decoding batch."""
-    num_beams: int = 1
-    """1 = greedy; > 1 = beam search."""
-    tokens_per_second: float = 8.0
-    """``max_new_tokens = ceil(tokens_per_second × longest clip) + min_new_tokens`` (per batch)."""
-    min_new_tokens: int = 16
-    """Budget added to the duration bound (language prefix, end token, very short clips)."""
-    max_new_tokens_cap: int = 4096
-    """Hard upper bound on generated tokens."""
-    forced_language: bool = False
-    """Prefill ``language X<asr_text>`` with the reference language (the model then writes only the text)."""
-    use_context: bool = True
-    """Put the manifest's ``context`` into the system turn."""
+DecodeOptions = DecodeConfig
+"""Decoding options are the ``DecodeConfig`` schema itself (``evaluation.decode`` / ``recipe.decode``)."""
 
 
 @dataclass
@@ -87,7 +70,7 @@ def decode(
     model: torch.nn.Module,
     processor: Qwen3ASRProcessor,
     samples: Sequence[Sample],
-    opts: DecodeOptions = DecodeOptions(),
+    opts: DecodeOptions | None = None,
     batches: list[list[int]] | None = None,
 ) -> list[DecodeResult]:
     """Decode ``samples`` with ``model`` on its current device; returns results in sample order.
@@ -95,6 +78,7 @@ def decode(
     ``batches`` (indices into ``samples``) defaults to duration-sorted batches; only the listed samples
     are decoded (the distributed path passes each rank its share of one global batch plan).
     """
+    opts = opts or DecodeOptions()
     tok = processor.tokenizer
     end_ids = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
     device = next(model.parameters()).device
@@ -146,13 +130,14 @@ def decode_distributed(
     model: torch.nn.Module,
     processor: Qwen3ASRProcessor,
     samples: Sequence[Sample],
-    opts: DecodeOptions = DecodeOptions(),
+    opts: DecodeOptions | None = None,
 ) -> list[DecodeResult]:
     """Every rank decodes every world-th batch of one global batch plan; all ranks get all results in order.
 
     Sharding whole batches (not utterances) keeps each batch's composition — and so its padding, features
     and outputs — identical to a single-process run.
     """
+    opts = opts or DecodeOptions()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return decode(model, processor, samples, opts)
     rank, world = dist.get_rank(), dist.get_world_size()

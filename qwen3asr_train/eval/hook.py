@@ -33,19 +33,6 @@ class Evaluator(Protocol):
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]: ...
 
 
-def decode_options(cfg: Any) -> DecodeOptions:
-    """:class:`DecodeOptions` from a ``DecodeConfig``."""
-    return DecodeOptions(
-        max_batch_seconds=cfg.max_batch_seconds,
-        max_batch_size=cfg.max_batch_size,
-        num_beams=cfg.num_beams,
-        tokens_per_second=cfg.tokens_per_second,
-        min_new_tokens=cfg.min_new_tokens,
-        forced_language=cfg.forced_language,
-        use_context=cfg.use_context,
-    )
-
-
 def load_eval_sets(sets: dict[str, str], checks: RowChecks, policy: str, limit: int = 0) -> dict[str, list[Sample]]:
     """Decode every set's audio once (validation sets are small; they are reused at every evaluation)."""
     out: dict[str, list[Sample]] = {}
@@ -188,5 +175,5 @@ def build_asr_hook(
     from qwen3asr_train.data.datamodule import row_checks
 
     sets = load_eval_sets(cfg.sets, row_checks(data), data.on_bad_row, cfg.max_utterances)
-    evaluator = ASREvaluator(processor, sets, decode_options(cfg.decode), cfg.samples_to_log)
+    evaluator = ASREvaluator(processor, sets, cfg.decode, cfg.samples_to_log)
     return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)

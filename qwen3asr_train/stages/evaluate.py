@@ -21,7 +21,7 @@ import torch.distributed as dist
 from qwen3asr_train.config.schema import EvalConfig, ModelConfig, RunConfig
 from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.eval.decode import decode_distributed
-from qwen3asr_train.eval.hook import decode_options, load_eval_sets
+from qwen3asr_train.eval.hook import load_eval_sets
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.model.convert import is_aligner_config, read_config_json
 
@@ -79,7 +79,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row)
     if not hasattr(model, "generate"):  # a forced aligner: timestamps, not transcripts
         return _evaluate_aligner(model, processor, sets, out_dir, recipe, rank)
-    opts = decode_options(recipe.decode)
+    opts = recipe.decode
     results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
     summary: dict[str, Any] = {}
     if rank == 0:

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${DEMO_STEPS:-1500}; exp=exp/demo_sft
+stage=0; stop_stage=100; steps=${DEMO_STEPS:-1200}; exp=exp/demo_sft
 while [ $# -gt 0 ]; do
   case $1 in
     --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;;
