@@ -390,8 +390,6 @@ class SFTConfig:
     """Checkpoint to resume: a ``.ckpt`` path, or ``last`` (this run directory's last.ckpt)."""
     export_on_end: bool = True
     """Write a transformers-native export of the final weights to ``<run_dir>/export``."""
-    sample_log_count: int = 0
-    """Not used by SFT training; reserved for the evaluation hook."""
 
     def validate(self) -> None:
         for key in ("forced_language_prob", "context_prob", "manifest_context_prob", "no_speech_prob"):

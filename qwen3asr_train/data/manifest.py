@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,6 @@ class RowChecks:
     languages: LanguageTable
     max_duration: float = 1200.0
     min_duration: float = 0.0
-    max_text_tokens: int | None = None
-    count_tokens: Callable[[str], int] | None = None
     check_audio: bool = True
 
 
@@ -173,13 +171,6 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
             raise ManifestError(
                 f'{where}: empty text on a row not marked as no-speech (set "no_speech": true)', "empty_text"
             )
-        if checks.max_text_tokens and checks.count_tokens is not None:
-            n_tokens = checks.count_tokens(text)
-            if n_tokens > checks.max_text_tokens:
-                raise ManifestError(
-                    f"{where}: text has {n_tokens} tokens > data.max_text_tokens={checks.max_text_tokens}",
-                    "text_too_long",
-                )
 
     is_hf = audio.startswith("hf://")
     path = Path(audio) if os.path.isabs(audio) or is_hf else base_dir / audio

@@ -154,6 +154,7 @@ class GSPOModule(L.LightningModule):
     def __init__(
         self,
         model: AsrModel,
+        processor: Any,
         recipe: GSPOConfig,
         engine: RolloutEngine,
         rewards: CompositeReward,
@@ -165,6 +166,7 @@ class GSPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
+        self.processor = processor
         self.recipe = recipe
         self.engine = engine
         self.rewards = rewards
@@ -180,7 +182,7 @@ class GSPOModule(L.LightningModule):
         r = self.recipe
         was_training = self.model.training
         self.model.eval()  # dropout off: behaviour log-probs and sampling use the deterministic policy
-        prompts = build_prompts(self.engine_processor, samples, self.sampling, rollout).to(self.device)
+        prompts = build_prompts(self.processor, samples, self.sampling, rollout).to(self.device)
         rollouts = self.engine.generate(self.model, prompts, self.sampling)
         inputs = [
             RewardInput(
@@ -222,13 +224,6 @@ class GSPOModule(L.LightningModule):
             "old": old,
             "ref": ref,
         }
-
-    @property
-    def engine_processor(self) -> Any:
-        return self._processor
-
-    def set_processor(self, processor: Any) -> None:
-        self._processor = processor
 
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -427,6 +422,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     )
     module = GSPOModule(
         model,
+        processor,
         recipe,
         HFGenerateEngine(processor),
         CompositeReward(recipe.rewards),
@@ -435,7 +431,6 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         ref_model,
         cfg.trainer.gradient_clip_val,
     )
-    module.set_processor(processor)
     return module, loader, trainer, processor
 
 
