@@ -145,3 +145,30 @@ def test_distributed_strategies_construct(tiny_model_and_processor):
     for stage in (2, 3):
         ds = build_strategy(TrainerConfig(strategy=f"deepspeed_zero{stage}", accelerator="gpu"), model)
         assert ds.config["zero_optimization"]["stage"] == stage
+
+
+def test_gspo_data_mix_from_the_command_line(tmp_path):
+    cfg = make_config(
+        [
+            "recipe=gspo",
+            "model=tiny",
+            "trainer.max_steps=4",
+            f"run_dir={tmp_path}",
+            "+recipe.mix.speech.manifests=a.jsonl",
+            "+recipe.mix.speech.weight=70",
+            "+recipe.mix.functional.manifests=[b.jsonl,c.jsonl]",
+            "+recipe.mix.functional.weight=30",
+        ]
+    )
+    assert cfg.recipe.mix["speech"].manifests == ["a.jsonl"] and cfg.recipe.mix["speech"].weight == 70
+    assert cfg.recipe.mix["functional"].manifests == ["b.jsonl", "c.jsonl"]
+    with pytest.raises(ConfigError, match="recipe.mix.speech"):
+        make_config(
+            [
+                "recipe=gspo",
+                "model=tiny",
+                "trainer.max_steps=4",
+                f"run_dir={tmp_path}",
+                "+recipe.mix.speech.manifest=a.jsonl",
+            ]
+        )

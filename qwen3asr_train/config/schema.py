@@ -563,8 +563,9 @@ class GSPOConfig:
     """Budget added to the duration bound."""
     rewards: dict[str, float] = field(default_factory=_default_reward_weights)
     """Reward name (or dotted import path of a custom reward) -> weight."""
-    mix: dict[str, MixSourceConfig] = field(default_factory=dict)
-    """Named data sources with weights (empty: ``data.train`` is the only source)."""
+    mix: dict[str, Any] = field(default_factory=dict)
+    """Named data sources ``{name: {manifests, weight}}`` (checked as :class:`MixSourceConfig`; empty: ``data.train``);
+    e.g. ``+recipe.mix.speech.manifests=a.jsonl +recipe.mix.speech.weight=70``."""
     forced_language_prob: float = 0.0
     """Probability that a rollout prompt forces the reference language."""
     context_prob: float = 0.0
@@ -575,6 +576,17 @@ class GSPOConfig:
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 
     def validate(self) -> None:
+        sources = {}
+        for name, value in self.mix.items():
+            if isinstance(value, MixSourceConfig):
+                source = value
+            else:
+                unknown = set(value) - {"manifests", "weight"}
+                _require(not unknown, f"recipe.mix.{name}", f"unknown keys {sorted(unknown)} (use manifests, weight)")
+                source = MixSourceConfig(**value)
+            source.validate()
+            sources[name] = source
+        self.mix = sources
         _require(self.group_size >= 2, "recipe.group_size", "needs >= 2 completions per utterance")
         _require(
             self.rollout_batch_size % self.steps_per_generation == 0,

@@ -43,9 +43,13 @@ class ManifestError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass
 class AlignedWord:
-    """One word unit with its time span in seconds (relative to the utterance start)."""
+    """One word unit with its time span in seconds (relative to the utterance start).
+
+    Not frozen: Lightning's batch transfer rebuilds dataclasses it finds in a batch (GSPO batches carry
+    utterances) and refuses frozen ones.
+    """
 
     word: str
     start: float
