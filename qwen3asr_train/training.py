@@ -166,7 +166,7 @@ def build_trainer(
     extra_callbacks: list[L.Callback] = (),
     automatic_optimization: bool = True,
     validation: bool = True,
-    resume_step: int | None = None,
+    resume_from: str | None = None,
 ) -> L.Trainer:
     """The Lightning Trainer for a run: strategy, precision, atomic checkpoints every N steps, logger."""
     t = cfg.trainer
@@ -183,7 +183,7 @@ def build_trainer(
         save_on_train_epoch_end=True,
     )
     callbacks: list[L.Callback] = [checkpoint, TorchRNGState(), *extra_callbacks]
-    logger = build_logger(cfg.logger, run_dir, resume_step)
+    logger = build_logger(cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from else None)
     plugins = [AtomicCheckpointIO()] if t.strategy == "auto" else []
     return L.Trainer(
         accelerator=t.accelerator,

@@ -69,9 +69,9 @@ def test_one_micro_batch_of_8_equals_four_of_2(tmp_path):
     assert torch.allclose(torch.as_tensor(loss1), torch.as_tensor(loss4), atol=1e-6)
     for name in g1:
         assert torch.allclose(g1[name], g4[name], atol=1e-7, rtol=1e-4), name
-    # the upstream recipe's summed micro-batch means would be ~4x larger: make sure we are not that
+    # the equality above is not vacuous: the gradients are far from zero
     total = sum(float(g.abs().sum()) for g in g1.values())
-    assert total > 0
+    assert total > 1e-3
 
 
 class Snapshot(L.Callback):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -138,6 +138,7 @@ def load_hf_source(cfg: HFDatasetConfig, checks: RowChecks, policy: str) -> tupl
         ds = ds.cast_column(cfg.audio_column, datasets.Audio(decode=False))
     report = SkipReport()
     items = []
+    hf_checks = replace(checks, check_audio=False)  # durations come from the encoded cells read below
     for i, row in enumerate(ds):
         where = f"{cfg.path}[{cfg.split}]:{i}"
         try:
@@ -156,7 +157,6 @@ def load_hf_source(cfg: HFDatasetConfig, checks: RowChecks, policy: str) -> tupl
             }
             if cfg.context_column:
                 record["context"] = row[cfg.context_column] or ""
-            hf_checks = RowChecks(**{**checks.__dict__, "check_audio": False})
             items.append(parse_row(record, where, Path("."), hf_checks, i))
         except (ManifestError, AudioError) as exc:
             if policy == "error":

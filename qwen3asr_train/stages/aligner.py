@@ -41,7 +41,7 @@ from qwen3asr_train.losses import slot_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config, total_optimizer_steps
-from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer, checkpoint_step
+from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,7 @@ def prepare(
     if hook is not None:
         callbacks.append(hook)
     resume = resolve_resume(recipe.resume_from, run_dir)
-    trainer = build_trainer(
-        cfg, model, callbacks, validation=bool(valid), resume_step=checkpoint_step(resume) if resume else None
-    )
+    trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume)
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     module = AlignerModule(model, recipe, total_optimizer_steps(cfg, per_rank_micro))
     return module, datamodule, trainer, processor

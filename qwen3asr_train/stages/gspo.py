@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from qwen3asr_train.config.schema import GSPOConfig, RunConfig
+from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.datamodule import load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import Utterance, read_manifests
@@ -50,7 +51,7 @@ from qwen3asr_train.rl.rollout import (
     completion_logprobs,
 )
 from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config
-from qwen3asr_train.training import build_optimizer, build_trainer, checkpoint_step
+from qwen3asr_train.training import build_optimizer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,16 @@ class GSPOModule(L.LightningModule):
         rollouts = self.engine.generate(self.model, prompts, self.sampling)
         inputs = [
             RewardInput(
-                completion=text,
+                completion=rollouts.texts[b * r.group_size + g],
                 reference=s.utt.text,
                 language=s.utt.language,
                 forced_language=prompts.forced_language[b],
                 hotwords=prompts.hotwords[b],
                 truncated=rollouts.truncated[b * r.group_size + g],
-                audio_seconds=max(len(s.audio) / 16000, 1e-3),
+                audio_seconds=max(len(s.audio) / SAMPLE_RATE, 1e-3),
             )
             for b, s in enumerate(samples)
-            for g, text in [(g, rollouts.texts[b * r.group_size + g]) for g in range(r.group_size)]
+            for g in range(r.group_size)
         ]
         total, terms = self.rewards(inputs)  # (B*G,) float64
         advantages = gspo_math.compute_advantages(total, r.group_size, r.advantage_scale, r.advantage_eps)
@@ -400,7 +401,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         callbacks,
         automatic_optimization=False,
         validation=False,
-        resume_step=checkpoint_step(resume) if resume else None,
+        resume_from=resume,
     )
     datasets = [(UtteranceDataset(utts, cfg.data.on_bad_row), weight) for utts, weight, _ in sources]
     for utts, weight, name in sources:

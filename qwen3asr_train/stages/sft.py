@@ -39,7 +39,7 @@ from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
-from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer, checkpoint_step
+from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         model,
         extra_callbacks=[DataPositionTracker(), *extra_callbacks],
         validation=bool(valid),
-        resume_step=checkpoint_step(resume) if resume else None,
+        resume_from=resume,
     )
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
