@@ -81,7 +81,7 @@ def timestamp_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def slot_ce(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, sigma_bins: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`timestamp_ce` evaluated on the slot positions only (the head never sees the other positions).
 
@@ -89,10 +89,37 @@ def slot_ce(
         hidden: ``(B, L, H)`` last hidden states of the decoder.
         labels: ``(B, L)`` time-bin class at slots, ``-100`` elsewhere (NOT shifted).
         head: dropout + classification head, applied to ``(S, H)``.
+        sigma_bins: 0 (default, the paper's loss) for one-hot targets; > 0 for Gaussian soft targets
+            over neighbouring bins (:func:`gaussian_bin_targets`).
 
     Returns ``(summed CE, slot count, predicted classes (S,))``.
     """
     mask = labels != IGNORE_INDEX  # (B, L)
     logits = head(hidden[mask]).float()  # (S, C)
     target = labels[mask]  # (S,)
-    return F.cross_entropy(logits, target, reduction="sum"), mask.sum(), logits.argmax(-1)
+    if sigma_bins > 0:
+        loss = -(gaussian_bin_targets(target, logits.shape[-1], sigma_bins) * logits.log_softmax(-1)).sum()
+    else:
+        loss = F.cross_entropy(logits, target, reduction="sum")
+    return loss, mask.sum(), logits.argmax(-1)
+
+
+def gaussian_bin_targets(target: torch.Tensor, num_classes: int, sigma_bins: float) -> torch.Tensor:
+    """Soft targets over time bins: ``q_c ∝ exp(-(c - y)² / (2σ²))``, normalised over the ``num_classes`` bins.
+
+    Why: plain cross-entropy treats bin 40 and bin 41 as unrelated classes, so each of the hundreds of
+    bins is learned from the few slots that land exactly on it and a prediction one bin off is penalised
+    like one a second off. A Gaussian over neighbouring bins (an ordinal prior, as in label-distribution
+    learning for age or timestamp regression) lets neighbouring bins share evidence. The argmax of ``q`` is
+    still ``y``, so decoding is unchanged.
+
+    Args:
+        target: ``(S,)`` time-bin class of each slot.
+        num_classes: number of bins ``C``.
+        sigma_bins: standard deviation in bins (> 0).
+
+    Returns ``(S, C)`` float32 rows that sum to 1.
+    """
+    bins = torch.arange(num_classes, device=target.device, dtype=torch.float32)  # (C,)
+    dist = bins[None, :] - target[:, None].float()  # (S, C)
+    return torch.softmax(-0.5 * (dist / sigma_bins) ** 2, dim=-1)  # (S, C)

@@ -19,6 +19,7 @@ from qwen3asr_train.data.aligner import (
     concat_utterances,
     time_to_class,
 )
+from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.collate import IGNORE_INDEX
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import AlignedWord, RowChecks, Utterance, read_manifest
@@ -153,6 +154,39 @@ def test_labels_sit_on_timestamps_and_equal_word_classes(aligner, tone_samples):
             text = processor.tokenizer.decode(ids[row][batch["attention_mask"][row].bool()])
             expected_text = aligner_input([w.word for w in sample.utt.words], slotted)
             assert text.split("<|audio_end|>")[1] == expected_text.split("<|audio_end|>")[1]
+
+
+def test_time_shift_moves_audio_and_word_times_together(aligner, tone_samples):
+    """The shift seen in the audio (first non-zero sample) equals the shift of every word time."""
+    _, processor = aligner
+    collator = AlignerCollator(processor, NUM_CLASSES, slot_prob=1.0, seed=5, time_shift_seconds=0.4)
+    signs = set()
+    for epoch in range(6):
+        for sample in tone_samples:
+            moved = collator.shifted(sample, epoch)
+            onset = lambda audio: int(np.flatnonzero(np.abs(audio) > 0)[0])  # noqa: E731
+            delta = (onset(moved.audio) - onset(sample.audio)) / SAMPLE_RATE
+            assert moved.audio.size - sample.audio.size == onset(moved.audio) - onset(sample.audio)
+            assert abs(delta) <= 0.4 + 1e-9
+            for old, new in zip(sample.utt.words, moved.utt.words, strict=True):
+                assert (new.word, new.start - old.start, new.end - old.end) == (
+                    old.word,
+                    pytest.approx(delta, abs=1e-9),
+                    pytest.approx(delta, abs=1e-9),
+                )
+            # a trim never reaches into the first word (keeps 50 ms, or all the audio there was before it)
+            assert moved.utt.words[0].start >= min(sample.utt.words[0].start, 0.05) - 1e-9
+            assert moved.utt.duration == moved.audio.size / SAMPLE_RATE
+            assert np.array_equal(collator.shifted(sample, epoch).audio, moved.audio)  # same draw again
+            signs.add(np.sign(delta))
+        batch = collator(tone_samples, epoch=epoch)
+        for row, sample in enumerate(tone_samples):
+            words = collator.shifted(sample, epoch).utt.words
+            expected = [time_to_class(t, num_classes=NUM_CLASSES) for w in words for t in (w.start, w.end)]
+            assert batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist() == expected
+    assert {-1.0, 1.0} <= signs
+    off = AlignerCollator(processor, NUM_CLASSES, slot_prob=1.0, seed=5)
+    assert off.shifted(tone_samples[0], 0) is tone_samples[0]
 
 
 def test_left_and_right_padding_give_the_same_rows(aligner, tone_samples):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import read_manifest
 from qwen3asr_train.data.synthetic import write_tone_corpus
-from qwen3asr_train.losses import slot_ce, timestamp_ce
+from qwen3asr_train.losses import gaussian_bin_targets, slot_ce, timestamp_ce
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.model.export import save_native, save_original
 from qwen3asr_train.stages import aligner as aligner_stage
@@ -60,6 +61,36 @@ def test_slot_loss_equals_full_logits_timestamp_loss(tone_manifest, tmp_path):
     ours_sum, ours_n, _ = slot_ce(hidden, batch["labels"], lambda h: model.score(model.dropout(h)))
     assert int(ref_n) == int(ours_n) == batch["num_slots"]
     assert torch.allclose(ours_sum, ref_sum, atol=1e-5)
+
+
+def test_soft_bin_targets_match_a_hand_computation():
+    """Gaussian soft targets against an explicit loop over bins, and the soft loss against its definition."""
+    torch.manual_seed(0)
+    num_classes, sigma = 12, 1.5
+    target = torch.tensor([0, 5, 11])
+    q = gaussian_bin_targets(target, num_classes, sigma)
+    for row, y in enumerate(target.tolist()):
+        weights = [math.exp(-((c - y) ** 2) / (2 * sigma**2)) for c in range(num_classes)]
+        expected = [w / sum(weights) for w in weights]
+        assert q[row].tolist() == pytest.approx(expected, abs=1e-6)
+        assert int(q[row].argmax()) == y
+    hidden = torch.randn(2, 7, 4)
+    labels = torch.full((2, 7), -100)
+    labels[0, 3], labels[1, 1], labels[1, 6] = 2, 9, 4
+    head = torch.nn.Linear(4, num_classes)
+    soft_sum, n, _ = slot_ce(hidden, labels, head, sigma_bins=sigma)
+    by_hand = 0.0
+    for b, t in ((0, 3), (1, 1), (1, 6)):
+        logp = torch.log_softmax(head(hidden[b, t]), -1)
+        y = int(labels[b, t])
+        w = torch.tensor([math.exp(-((c - y) ** 2) / (2 * sigma**2)) for c in range(num_classes)])
+        by_hand -= float((w / w.sum() * logp).sum())
+    assert int(n) == 3 and float(soft_sum) == pytest.approx(by_hand, rel=1e-5)
+    # a vanishing width is the one-hot loss; the default (0) is exactly F.cross_entropy
+    hard_sum, _, _ = slot_ce(hidden, labels, head)
+    tiny_sum, _, _ = slot_ce(hidden, labels, head, sigma_bins=1e-3)
+    assert float(tiny_sum) == pytest.approx(float(hard_sum), rel=1e-5)
+    assert float(soft_sum) != pytest.approx(float(hard_sum), rel=1e-3)
 
 
 def test_aligner_from_asr_checkpoint_keeps_backbone(tiny_model_and_processor, tmp_path):

@@ -620,6 +620,11 @@ class AlignerConfig:
     """Optimizer and schedule."""
     slot_prob: float = 0.5
     """Dynamic slot insertion: each word gets its start/end slots with this probability (>= 1 word per sample)."""
+    time_shift_seconds: float = 0.0
+    """Augmentation: move each training clip by U(-s, s) seconds, fresh per epoch (silence prepended or
+    leading audio trimmed, never into the first word; word times follow). 0 = off."""
+    label_sigma_bins: float = 0.0
+    """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
     concat_max_seconds: float = 0.0
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
@@ -637,6 +642,8 @@ class AlignerConfig:
             self.concat_max_seconds >= 0 and self.concat_gap_seconds >= 0, "recipe.concat_max_seconds", "must be >= 0"
         )
         _require(self.on_unit_mismatch in {"error", "skip"}, "recipe.on_unit_mismatch", "must be error|skip")
+        _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
+        _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
 
 
 RECIPE_SCHEMAS: dict[str, type] = {

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 SEGMENT_MS = 80.0
 """Milliseconds per time class (``timestamp_segment_time`` of the released aligner)."""
+
+
+SHIFT_MARGIN_SECONDS = 0.05
+"""A negative time shift keeps at least this much audio before the first word."""
 
 
 def max_addressable_seconds(num_classes: int, segment_ms: float = SEGMENT_MS) -> float:
@@ -217,9 +222,12 @@ class AlignerCollator:
         segment_ms: float = SEGMENT_MS,
         padding_side: str = "left",
         check_units: bool = True,
+        time_shift_seconds: float = 0.0,
     ) -> None:
         if not 0.0 <= slot_prob <= 1.0:
             raise ValueError(f"slot_prob must be in [0, 1], got {slot_prob}")
+        if time_shift_seconds < 0:
+            raise ValueError(f"time_shift_seconds must be >= 0, got {time_shift_seconds}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left|right, got {padding_side!r}")
         self.tokenizer = processor.tokenizer
@@ -230,6 +238,7 @@ class AlignerCollator:
         self.segment_ms = segment_ms
         self.padding_side = padding_side
         self.check_units = check_units
+        self.time_shift_seconds = time_shift_seconds
         self.audio_pad_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PAD)
         self.timestamp_id = self.tokenizer.convert_tokens_to_ids(TIMESTAMP)
         self.pad_id = self.tokenizer.pad_token_id
@@ -251,6 +260,37 @@ class AlignerCollator:
         if not any(slotted):
             slotted[rng.randrange(n)] = True
         return slotted
+
+    def shifted(self, sample: Sample, epoch: int) -> Sample:
+        """``sample`` moved in time by a draw from U(-s, +s), ``s = time_shift_seconds`` (training augmentation).
+
+        Why: a small model otherwise ties each word's bin to where that word sat in the clips it was
+        trained on and overfits a small corpus; moving the whole clip makes the absolute time a thing to
+        read from the audio. A positive shift prepends that much digital silence; a negative one trims
+        leading audio, but never closer than :data:`SHIFT_MARGIN_SECONDS` to the first word's start, so no
+        word is cut. Word times move by the applied shift. The draw depends on (seed, epoch, index) only
+        (its own RNG stream, independent of the slot draws), so a resumed run repeats it.
+        """
+        words = sample.utt.words or []
+        if self.time_shift_seconds <= 0 or not words:
+            return sample
+        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{sample.index}/shift".encode()))
+        shift = rng.uniform(-self.time_shift_seconds, self.time_shift_seconds)
+        if shift < 0:
+            shift = -min(-shift, max(0.0, words[0].start - SHIFT_MARGIN_SECONDS))
+        else:  # never past what the classes address
+            shift = min(shift, max(0.0, self.max_seconds - sample.audio.size / SAMPLE_RATE - 0.01))
+        n = int(round(abs(shift) * SAMPLE_RATE))
+        if n == 0:
+            return sample
+        if shift > 0:
+            audio = np.concatenate([np.zeros(n, dtype=sample.audio.dtype), sample.audio])
+        else:
+            audio = sample.audio[n:]
+        delta = (n if shift > 0 else -n) / SAMPLE_RATE
+        moved = [AlignedWord(w.word, max(0.0, w.start + delta), max(0.0, w.end + delta)) for w in words]
+        utt = replace(sample.utt, words=moved, duration=audio.size / SAMPLE_RATE)
+        return Sample(utt, audio, sample.index)
 
     def row(self, sample: Sample, slotted: list[bool], n_audio: int) -> tuple[list[int], list[int], list[AlignedWord]]:
         """(ids with the audio pad expanded to ``n_audio``, labels, the slotted reference words)."""
@@ -275,6 +315,7 @@ class AlignerCollator:
     def __call__(self, samples: Sequence[Sample], epoch: int = 0) -> dict:
         if not samples:
             raise ValueError("empty micro-batch")
+        samples = [self.shifted(s, epoch) for s in samples]
         for s in samples:
             if s.audio.size / SAMPLE_RATE > self.max_seconds:
                 raise ValueError(

@@ -118,7 +118,9 @@ class AlignerModule(L.LightningModule):
             input_features_mask=batch["input_features_mask"],
             use_cache=False,
         )
-        ce_sum, n_slots, predicted = slot_ce(out.last_hidden_state, batch["labels"], self._head)
+        ce_sum, n_slots, predicted = slot_ce(
+            out.last_hidden_state, batch["labels"], self._head, self.recipe.label_sigma_bins
+        )
         target = batch["labels"][batch["labels"] != -100]
         return {
             "ce_sum": ce_sum,
@@ -245,7 +247,9 @@ def prepare(
                 f"that {num_classes} classes address"
             )
         dataset = LongFormDataset(dataset, recipe.concat_max_seconds, recipe.concat_gap_seconds, num_classes)
-    collator = AlignerCollator(processor, num_classes, recipe.slot_prob, cfg.seed)
+    collator = AlignerCollator(
+        processor, num_classes, recipe.slot_prob, cfg.seed, time_shift_seconds=recipe.time_shift_seconds
+    )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
     datamodule = ASRDataModule(
         cfg.data,
