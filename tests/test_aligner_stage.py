@@ -93,6 +93,45 @@ def test_soft_bin_targets_match_a_hand_computation():
     assert float(soft_sum) != pytest.approx(float(hard_sum), rel=1e-3)
 
 
+def test_aligner_ctc_targets_are_the_word_tokens(tone_manifest, tmp_path):
+    """The auxiliary CTC uses each row's word tokens (tokenised word by word, as the slots split them),
+    scored on the projected audio through the transposed input embeddings; off in eval mode."""
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={tone_manifest}",
+            "recipe.ctc_weight=0.5",
+            "recipe.slot_prob=1.0",
+            "trainer.max_steps=1",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    module, _, _, processor = aligner_stage.prepare(cfg)
+    samples = _samples(tone_manifest, cfg.data)[:3]
+    batch = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0)(samples)
+    module.train()
+    sums = module.forward_sums(batch)
+    tok = processor.tokenizer
+    targets = [[t for w in s.utt.words for t in tok.encode(w.word, add_special_tokens=False)] for s in samples]
+    with torch.no_grad():
+        out = module.model.model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+        )
+    logp = (out.audio_hidden_states @ module.model.model.get_input_embeddings().weight.T).log_softmax(-1)
+    lengths = [(row == module.model.config.audio_token_id).sum().item() for row in batch["input_ids"]]
+    expected, start = 0.0, 0
+    for target, n in zip(targets, lengths, strict=True):
+        expected += torch.nn.functional.ctc_loss(
+            logp[start : start + n], torch.tensor(target), [n], [len(target)], blank=tok.pad_token_id, reduction="sum"
+        ).item()
+        start += n
+    assert float(sums["ctc_sum"].detach()) == pytest.approx(expected, rel=1e-4)
+    module.eval()
+    assert "ctc_sum" not in module.forward_sums(batch)
+
+
 def test_aligner_from_asr_checkpoint_keeps_backbone(tiny_model_and_processor, tmp_path):
     asr, processor = tiny_model_and_processor
     for layout, saver in (("native", save_native), ("original", save_original)):

@@ -620,6 +620,9 @@ class AlignerConfig:
     """Optimizer and schedule."""
     slot_prob: float = 0.5
     """Dynamic slot insertion: each word gets its start/end slots with this probability (>= 1 word per sample)."""
+    ctc_weight: float = 0.0
+    """Auxiliary CTC of the word tokens on the projected audio states, through the input embeddings
+    (training only, no extra weights; helps aligners trained from scratch). Normalised like the slot CE."""
     time_shift_seconds: float = 0.0
     """Augmentation: move each training clip by U(-s, s) seconds, fresh per epoch (silence prepended or
     leading audio trimmed, never into the first word; word times follow). 0 = off."""
@@ -644,6 +647,7 @@ class AlignerConfig:
         _require(self.on_unit_mismatch in {"error", "skip"}, "recipe.on_unit_mismatch", "must be error|skip")
         _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
+        _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
 
 
 RECIPE_SCHEMAS: dict[str, type] = {

@@ -34,10 +34,11 @@ from qwen3asr_train.data.aligner import (
 from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import ManifestError, SkipReport, Utterance, read_manifests
+from qwen3asr_train.data.prompts import AUDIO_END, AUDIO_PAD, AUDIO_START, TIMESTAMP
 from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.languages import FORCED_ALIGNER_LANGUAGES
-from qwen3asr_train.losses import slot_ce
+from qwen3asr_train.losses import audio_ctc, slot_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config, total_optimizer_steps
@@ -99,11 +100,18 @@ class LongFormDataset(UtteranceDataset):
 class AlignerModule(L.LightningModule):
     """Non-shifted slot cross-entropy, normalised per optimizer step (module docstring)."""
 
-    def __init__(self, model: AsrModel, recipe: AlignerConfig, total_steps: int) -> None:
+    def __init__(
+        self, model: AsrModel, recipe: AlignerConfig, total_steps: int, special_ids: Sequence[int] = ()
+    ) -> None:
+        """``special_ids``: token ids that are not word text (audio markers, slots, pad), dropped from the
+        CTC targets; the first is the CTC blank (``<|endoftext|>``)."""
         super().__init__()
         self.model = model
         self.recipe = recipe
         self.total_steps = total_steps
+        self.special_ids = list(special_ids)
+        if recipe.ctc_weight > 0 and not self.special_ids:
+            raise ValueError("recipe.ctc_weight > 0 needs the special token ids (blank first)")
         self.norm = StepNormaliser()
         self._val: dict[str, float] = {}
 
@@ -122,12 +130,30 @@ class AlignerModule(L.LightningModule):
             out.last_hidden_state, batch["labels"], self._head, self.recipe.label_sigma_bins
         )
         target = batch["labels"][batch["labels"] != -100]
-        return {
+        sums = {
             "ce_sum": ce_sum,
             "n_slots": n_slots,
             "exact": (predicted == target).sum(),
             "abs_bins": (predicted - target).abs().sum(),
         }
+        if self.recipe.ctc_weight > 0 and self.training:
+            sums["ctc_sum"] = self._ctc(out.audio_hidden_states, batch)
+        return sums
+
+    def _ctc(self, audio_hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Summed auxiliary CTC of each row's word tokens on its projected audio states.
+
+        Why: from scratch, the decoder can only point a slot at its word's frames once the audio states
+        say which word is where; CTC through the (transposed) input embeddings teaches the encoder exactly
+        that, in the space the decoder compares against. It uses no extra parameters, so the exported
+        aligner is unchanged; training only.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L) each
+        audio_lengths = (ids == self.model.config.audio_token_id).sum(-1)  # (B,)
+        special = torch.tensor(self.special_ids, device=ids.device)  # (K,)
+        targets = [row[m & ~torch.isin(row, special)] for row, m in zip(ids, mask, strict=True)]
+        embeddings = self.model.model.get_input_embeddings().weight  # (V, H)
+        return audio_ctc(audio_hidden, audio_lengths, targets, lambda h: h @ embeddings.T, self.special_ids[0])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         scale = self.norm.observe(self, batch)
@@ -137,6 +163,7 @@ class AlignerModule(L.LightningModule):
             slots=sums["n_slots"],
             exact=sums["exact"],
             abs_bins=sums["abs_bins"],
+            ctc=sums.get("ctc_sum", torch.zeros(())).detach(),
             audio=batch["audio_seconds"],
             seq=batch["attention_mask"].numel(),
             real=batch["attention_mask"].sum(),
@@ -156,11 +183,15 @@ class AlignerModule(L.LightningModule):
                     "train/padding_fraction": 1.0 - t["real"] / max(t["seq"], 1.0),
                     "train/skipped_audio": t["skipped"],
                     "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                    **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
                 },
                 on_step=True,
                 rank_zero_only=True,
             )
-        return sums["ce_sum"] * scale
+        loss = sums["ce_sum"] * scale
+        if "ctc_sum" in sums:
+            loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale
+        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val = {"ce": 0.0, "slots": 0.0}
@@ -267,7 +298,9 @@ def prepare(
     resume = resolve_resume(recipe.resume_from, run_dir)
     trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume)
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
-    module = AlignerModule(model, recipe, total_optimizer_steps(cfg, per_rank_micro))
+    tok = processor.tokenizer
+    special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
+    module = AlignerModule(model, recipe, total_optimizer_steps(cfg, per_rank_micro), special)
     return module, datamodule, trainer, processor
 
 
