@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${ALIGNER_STEPS:-3000}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
+stage=0; stop_stage=100; steps=${ALIGNER_STEPS:-3900}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
 while [ $# -gt 0 ]; do
   case $1 in
     --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;; --num-train) num_train=$2; shift 2;;
