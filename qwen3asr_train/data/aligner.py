@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
@@ -274,8 +273,9 @@ class AlignerCollator:
         words = sample.utt.words or []
         if self.time_shift_seconds <= 0 or not words:
             return sample
-        rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{sample.index}/shift".encode()))
-        shift = rng.uniform(-self.time_shift_seconds, self.time_shift_seconds)
+        shift = row_rng(self.seed, epoch, sample.index, "shift").uniform(
+            -self.time_shift_seconds, self.time_shift_seconds
+        )
         if shift < 0:
             shift = -min(-shift, max(0.0, words[0].start - SHIFT_MARGIN_SECONDS))
         else:  # never past what the classes address
@@ -288,7 +288,7 @@ class AlignerCollator:
         else:
             audio = sample.audio[n:]
         delta = (n if shift > 0 else -n) / SAMPLE_RATE
-        moved = [AlignedWord(w.word, max(0.0, w.start + delta), max(0.0, w.end + delta)) for w in words]
+        moved = [AlignedWord(w.word, w.start + delta, w.end + delta) for w in words]  # trim stops before word 0
         utt = replace(sample.utt, words=moved, duration=audio.size / SAMPLE_RATE)
         return Sample(utt, audio, sample.index)
 

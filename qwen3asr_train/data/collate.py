@@ -85,9 +85,14 @@ def pad_rows(
     return input_ids, labels, attention
 
 
-def row_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """Augmentation choices depend only on (seed, epoch, dataset index): resumed runs repeat them exactly."""
-    return random.Random(zlib.crc32(f"{seed}/{epoch}/{index}".encode()))
+def row_rng(seed: int, epoch: int, index: int, stream: str = "") -> random.Random:
+    """Augmentation choices depend only on (seed, epoch, dataset index): resumed runs repeat them exactly.
+
+    ``stream`` names an independent sequence for the same row (e.g. the aligner's time shift beside its
+    slot draws), so adding one augmentation does not change the draws of another.
+    """
+    key = f"{seed}/{epoch}/{index}" + (f"/{stream}" if stream else "")
+    return random.Random(zlib.crc32(key.encode()))
 
 
 def candidate_words(text: str, language: str | None) -> list[str]:
