@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoProcessor,
     Qwen3ASRConfig,
     Qwen3ASRForConditionalGeneration,
     Qwen3ASRForTokenClassification,
@@ -30,6 +29,7 @@ from qwen3asr_train.model.convert import (
     original_to_native_config,
     read_config_json,
 )
+from qwen3asr_train.model.processor import load_processor, warn_on_regex_mismatch
 from qwen3asr_train.model.tiny import build_tiny
 
 log = logging.getLogger(__name__)
@@ -120,18 +120,22 @@ def load_checkpoint(
     attn_implementation: str,
     num_labels: int = 5000,
     classifier_dropout: float = 0.0,
+    texts: Iterable[str] = (),
 ) -> tuple[AsrModel, Qwen3ASRProcessor]:
     """Load a native or original-layout checkpoint strictly (no missing, no unexpected weights).
 
     ``task=aligner`` on an ASR checkpoint builds an aligner on its backbone (:func:`aligner_from_asr`);
-    ``task=asr`` on an aligner checkpoint is refused.
+    ``task=asr`` on an aligner checkpoint is refused. The processor is always the Qwen3-ASR one, whatever
+    the directory's files say (:func:`qwen3asr_train.model.processor.load_processor`); ``texts`` (the
+    training transcripts) size the tokenizer-regex warning.
     """
     raw = read_config_json(directory)
     stored_aligner = is_aligner_config(raw)
     if task == "asr" and stored_aligner:
         raise CheckpointLayoutError(f"{directory}: model.task=asr but the checkpoint is a forced aligner")
+    processor = load_processor(directory, raw)
+    warn_on_regex_mismatch(directory, raw, processor.tokenizer, list(texts))
     model = _load_strict(directory, raw, stored_aligner, dtype, attn_implementation)
-    processor = AutoProcessor.from_pretrained(directory)
     if task == "aligner":
         if not stored_aligner:
             model = aligner_from_asr(model, num_labels, classifier_dropout)
@@ -200,6 +204,36 @@ def merge_lora(model: torch.nn.Module) -> int:
     return merged
 
 
+def _zero_padding_frames(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the audio encoder: mel frames outside ``input_features_mask`` become 0."""
+    features = kwargs.get("input_features", args[0] if args else None)
+    mask = kwargs.get("input_features_mask", args[1] if len(args) > 1 else None)
+    if features is None or mask is None:
+        return args, kwargs
+    zeroed = features * mask[:, None, :].to(features.dtype)
+    if "input_features" in kwargs:
+        kwargs = {**kwargs, "input_features": zeroed}
+    else:
+        args = (zeroed, *args[1:])
+    return args, kwargs
+
+
+def zero_padded_audio_frames(model: AsrModel) -> None:
+    """Make the audio encoder see zeros, not log-mel of silence, in the padded frames of a batch.
+
+    Why: upstream qwen-asr (and vLLM) encode each clip from its valid frames and pad the last 1-s chunk
+    with zeros before the convolutions; transformers 5.x convolves the batch's padded mel as it is, and a
+    clip shorter than its batch-mates gets the log-mel of digital silence there (the extractor pads the
+    waveform), so the last audio tokens of a padded row depended on the batch (1.6e-2 in the logits of a
+    tiny model). Zeroing the padded frames makes every row equal to upstream's per-clip encoding (7e-8).
+    The weights are unchanged, so exports need nothing; see docs/layouts.md.
+    """
+    tower = model.get_submodule("model.audio_tower")
+    if not getattr(tower, "_qwen3asr_train_zero_pad", False):
+        tower.register_forward_pre_hook(_zero_padding_frames, with_kwargs=True)
+        tower._qwen3asr_train_zero_pad = True
+
+
 def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> tuple[AsrModel, Qwen3ASRProcessor]:
     """Build the model and processor described by ``cfg`` (``texts`` train the tiny BPE)."""
     attn = select_attention(cfg.attn_implementation)
@@ -217,8 +251,16 @@ def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> t
     else:
         assert cfg.path is not None
         model, processor = load_checkpoint(
-            resolve_checkpoint_dir(cfg.path), cfg.task, DTYPES[cfg.dtype], attn, cfg.num_labels, cfg.classifier_dropout
+            resolve_checkpoint_dir(cfg.path),
+            cfg.task,
+            DTYPES[cfg.dtype],
+            attn,
+            cfg.num_labels,
+            cfg.classifier_dropout,
+            texts,
         )
+        model.train()  # from_pretrained returns eval mode; stages train (dropout on) and evaluate in eval mode
+    zero_padded_audio_frames(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_trainable(model, cfg)

@@ -4,7 +4,7 @@ Why: Qwen/Qwen3-ASR-{0.6B,1.7B} and Qwen3-ForcedAligner-0.6B ship in the origina
 ``thinker_config``, ``thinker.*`` weights) that qwen-asr, vLLM and the official SFT read; transformers 5.x
 reads only the native layout and, given an original directory, silently returns a *random* model
 (every weight missing, every ``thinker.*`` key unexpected). We convert explicitly and demand zero
-missing and zero unexpected keys. Facts: ../shared/reference/qwen3_asr_facts.md §1.
+missing and zero unexpected keys. Facts: docs/layouts.md.
 
 Key renames (original -> native, applied in this order; the aligner's head is ``score``)::
 
