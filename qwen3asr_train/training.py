@@ -1,21 +1,32 @@
-"""Shared training plumbing: Trainer, strategies, logger, atomic checkpoints, optimizer and schedule.
+"""Shared training plumbing: Trainer, strategies, logger, atomic checkpoints, optimizer and schedule,
+and fault handling (preemption signals, non-finite steps, safe checkpoint loading, resume checks).
 
-Why here and not in each stage: the distributed strategy, precision, checkpointing and logging must
-be identical for SFT, GSPO and the aligner; a stage only brings its LightningModule.
+Why here and not in each stage: the distributed strategy, precision, checkpointing, logging and the
+behaviour on a cluster (SIGTERM, divergence, damaged files) must be identical for SFT, GSPO and the
+aligner; a stage only brings its LightningModule. See docs/fault_handling.md.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -26,24 +37,228 @@ from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, T
 log = logging.getLogger(__name__)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged (non-finite loss, gradients or weights); the message names the step and utterances."""
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; the process exits with ``128 + signal``.
+
+    Why a ``SystemExit``: unhandled, it ends the process with that status (143 for SIGTERM, what
+    schedulers and ``set -e`` pipelines understand as "killed") without a traceback, and Hydra's error
+    handler (which catches ``Exception``) lets it through.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, step: int) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+        self.step = step
+
+
+CHECKPOINT_DIR = "checkpoints"
+"""Run-directory folder of the Lightning checkpoints."""
+
+_TMP_SUFFIX = re.compile(r"\.(tmp|old)-(\d+)$")
+
+
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of one of our checkpoints; every failure names the file.
+
+    Why ``weights_only``: a ``.ckpt`` is a pickle, and a pickle can run code while it is loaded. Ours
+    hold plain data (tensors, numbers, strings, dicts), so anything that needs more is refused, never
+    executed. ``mmap=True`` maps the tensors instead of reading them (cheap header checks).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes; an interrupted write?)")
+    try:
+        payload = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as exc:
+        full = str(exc)
+        text = full.strip().splitlines()[0] if full.strip() else type(exc).__name__
+        if "weights only load failed" in full.lower() or "unsupported global" in full.lower():
+            raise CheckpointError(
+                f"{path}: refused: loading it needs arbitrary Python objects (weights_only=True), which no "
+                f"checkpoint written by this project does; nothing in it was executed ({text})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint ({size} bytes; truncated or corrupt?): {text}"
+        ) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (a {type(payload).__name__}, not a dict)")
+    return payload
+
+
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The global step stored in a Lightning checkpoint (memory-mapped: the tensors are not read)."""
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    payload = load_checkpoint_file(path, mmap=True)
+    if "global_step" not in payload:
+        raise CheckpointError(f"{path}: no global_step (not a Lightning training checkpoint)")
+    return int(payload["global_step"])
+
+
+def newest_checkpoint(ckpt_dir: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> tuple[Path, int] | None:
+    """The intact checkpoint with the highest global step in ``ckpt_dir`` (``last.ckpt`` wins ties), or None.
+
+    Unreadable files are skipped with a warning that names them and says why.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    skipped = {Path(p).resolve() for p in skip}
+    best: tuple[int, int, Path] | None = None
+    files = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file()) if ckpt_dir.is_dir() else []
+    for path in files:
+        if path.resolve() in skipped:
+            continue
+        try:
+            step = checkpoint_step(path)
+        except CheckpointError as exc:
+            log.warning("ignoring checkpoint %s", exc)
+            continue
+        key = (step, int(path.name == "last.ckpt"), path)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else (best[2], best[0])
+
+
+def resolve_resume(recipe_resume: str | None, run_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a run resumes from, checked before anything is built.
+
+    ``None``: a fresh run. ``auto``: the newest intact checkpoint of this run directory, or a fresh run
+    when there is none (what a requeued job wants). ``last``: ``checkpoints/last.ckpt``, which must
+    exist; if it is damaged, the newest intact checkpoint beside it is used, with a warning. A path:
+    exactly that file (an error naming it when it cannot be used).
+    """
+    if recipe_resume is None:
+        return None
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    if recipe_resume == "auto":
+        found = newest_checkpoint(ckpt_dir)
+        if found is None:
+            log.info("recipe.resume_from=auto: no intact checkpoint in %s, starting fresh", ckpt_dir)
+            return None
+        log.info("recipe.resume_from=auto: resuming from %s (step %d)", found[0], found[1])
+        return str(found[0])
+    if recipe_resume == "last":
+        path = ckpt_dir / "last.ckpt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"recipe.resume_from=last: no checkpoint at {path} (resume_from=auto starts fresh when there is none)"
+            )
+        try:
+            checkpoint_step(path)
+            return str(path)
+        except CheckpointError as exc:
+            found = newest_checkpoint(ckpt_dir, skip=[path])
+            if found is None:
+                raise CheckpointError(
+                    f"recipe.resume_from=last: {exc}; no other intact checkpoint in {ckpt_dir}"
+                ) from None
+            log.warning("recipe.resume_from=last: %s; falling back to %s (step %d)", exc, found[0], found[1])
+            return str(found[0])
+    path = Path(recipe_resume)
+    if path.is_dir():  # a DeepSpeed checkpoint directory: its strategy reads it
+        return str(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe.resume_from={recipe_resume!r}: no checkpoint at {path}")
+    checkpoint_step(path)
+    return str(path)
+
+
+def remove_stale_temporaries(*directories: str | os.PathLike) -> list[Path]:
+    """Delete ``*.tmp-<pid>`` / ``*.old-<pid>`` leftovers of processes that no longer run.
+
+    Why: an interrupted atomic write leaves its temporary file (or export directory) behind. Only a
+    process that is gone can no longer finish or rename it, so only those are removed.
+    """
+    removed = []
+    for directory in directories:
+        directory = Path(directory)
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            match = _TMP_SUFFIX.search(path.name)
+            if match is None or _pid_alive(int(match.group(2))):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d stale temporary files: %s", len(removed), sorted(p.name for p in removed))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(*directories: str | os.PathLike) -> None:
+    """Create each directory and write a probe file in it, so a read-only or full disk is found at start.
+
+    Why a real write rather than ``os.access``: root passes ``os.access`` on read-only mounts, and quotas
+    only show on a write.
+    """
+    for directory in directories:
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as handle:
+                handle.write(b"ok")
+                handle.flush()
+        except OSError as exc:
+            raise OSError(f"{directory}: not writable ({exc}); the run's checkpoints and logs go there") from None
+
+
+def nonfinite_tensors(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
+    """Names of floating-point tensors holding NaN or ±inf (one device sync for all of them)."""
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    items = [(k, v) for k, v in pairs if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if not items:
+        return []
+    flags = torch.stack([torch.isfinite(v.detach()).all().cpu() for _, v in items])
+    return [k for (k, _), ok in zip(items, flags.tolist(), strict=True) if not ok]
+
+
+def assert_finite_weights(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]], what: str) -> None:
+    """Refuse to write ``what`` (a checkpoint or an export) from weights that hold NaN or inf."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise NonFiniteError(f"refusing to write {what}: {len(bad)} weight tensors are not finite, e.g. {bad[:3]}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<name>.tmp-<pid>`` next to the target, fsyncs it, then ``os.replace``s it into place.
+    """Writes ``<name>.tmp-<pid>`` next to the target, fsyncs it, then ``os.replace``s it into place;
+    reads with ``weights_only=True`` and errors that name the file.
 
     Why: Lightning's local save goes through an fsspec transaction whose temporary file lives in the
     system temp directory and is *moved* (copied across filesystems) at commit, so a crash during the
     copy leaves a truncated checkpoint. A same-directory rename is atomic: the target is either the old
-    complete file or the new complete file.
+    complete file or the new complete file. Weights are checked to be finite before anything is written.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not support storage_options")
         target = Path(path)
+        if "state_dict" in checkpoint:
+            assert_finite_weights(checkpoint["state_dict"], f"checkpoint {target}")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         try:
@@ -56,6 +271,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if tmp.exists():
                 tmp.unlink()
 
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Always ``weights_only=True``, whatever the caller asks (see :func:`load_checkpoint_file`)."""
+        if weights_only is False:
+            raise CheckpointError(f"{path}: weights_only=False was requested; checkpoints are only read weights-only")
+        return load_checkpoint_file(path)
+
 
 class TorchRNGState(L.Callback):
     """Saves and restores torch's global RNG (sampling, dropout) with every checkpoint, in every stage,
@@ -67,6 +290,310 @@ class TorchRNGState(L.Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""SIGTERM: what SLURM and Kubernetes send before killing a job; SIGUSR1: what ``sbatch --signal`` can send early."""
+
+
+def data_fingerprint(durations: Sequence[float], ids: Sequence[str]) -> str:
+    """A short hash of the training items in order (what a saved data position indexes into)."""
+    digest = hashlib.sha1()
+    for utt_id, seconds in zip(ids, durations, strict=True):
+        digest.update(f"{utt_id}\t{seconds:.6f}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def plan_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every leaf that differs (keys present on one side only included)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(plan_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_resume_plan(ckpt_path: str | None, plan: Mapping[str, Any], allow_changes: bool) -> None:
+    """Refuse to resume a checkpoint whose data plan (what its saved data position means) or model differ.
+
+    Why: the checkpoint stores "micro-batch k of epoch e" and the schedule position; with another
+    manifest, batch size, accumulation, seed or model that points at different data or weights, and the
+    run would continue silently as something else. ``trainer.resume_allow_changes=true`` turns the error
+    into a warning (e.g. to fine-tune further on new data from a checkpoint on purpose).
+    """
+    if ckpt_path is None or Path(ckpt_path).is_dir():
+        return
+    saved = load_checkpoint_file(ckpt_path, mmap=True).get("run_plan")
+    if saved is None:
+        log.warning("%s: no run plan stored (an older checkpoint); the data plan cannot be checked", ckpt_path)
+        return
+    saved = {k: v for k, v in saved.items() if k != "world_size"}
+    current = {k: v for k, v in plan.items() if k != "world_size"}
+    diff = plan_differences(saved, current)
+    if not diff:
+        return
+    message = f"{ckpt_path}: the run plan differs from the checkpoint's: " + "; ".join(diff)
+    if allow_changes:
+        log.warning("%s (resuming anyway: trainer.resume_allow_changes=true)", message)
+        return
+    raise CheckpointError(
+        message + ". The saved data position would point at other data; resume with the same settings, start a new "
+        "run directory, or set trainer.resume_allow_changes=true"
+    )
+
+
+class FaultTolerance(L.Callback):
+    """Preemption signals, the non-finite step policy, and the run plan stored in every checkpoint.
+
+    * **Preemption**: SIGTERM/SIGUSR1 only set a flag (a signal handler must not do work). At the next
+      optimizer-step boundary where the stage can resume exactly (``at_checkpoint_boundary()`` on the
+      LightningModule; GSPO: between rollout batches) the ranks agree on the flag (one all-reduce per
+      step, multi-process runs only), ``last.ckpt`` is written and :class:`Preempted` is raised: exit
+      status 128 + signal (143 for SIGTERM). Lightning's own SIGTERM handler (which ends ``fit`` normally,
+      exit status 0, without a checkpoint) and its SLURM auto-requeue handler are replaced for the run.
+    * **Non-finite steps**: before every optimizer step the loss of each micro-batch (kept as a device
+      flag, no sync) and the total gradient norm are checked with one host sync. A non-finite step's
+      update is skipped (gradients dropped: weights and optimizer state stay as they were), reported with
+      the step and utterance ids; more than ``max_nonfinite_skips`` in a row stop the run with
+      :class:`NonFiniteError`. While the last step was non-finite no checkpoint is written or rotated.
+    """
+
+    def __init__(
+        self, max_nonfinite_skips: int = 3, plan: Mapping[str, Any] | None = None, allow_changes: bool = False
+    ) -> None:
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.plan: dict[str, Any] = dict(plan or {})
+        self.allow_changes = allow_changes
+        self.resume_path: str | None = None
+        self.stop_signal: int | None = None
+        self.preempted: Preempted | None = None
+        self.streak = 0
+        self.skipped_steps: list[int] = []
+        self._previous_handlers: dict[int, Any] = {}
+        self._seen_step: int | None = None
+        self._loss_ok: torch.Tensor | None = None
+        self._ids: list[str] = []
+        self._ids_step = -1
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum  # logged at the step boundary: logging inside a handler can deadlock
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in PREEMPTION_SIGNALS:
+            previous = signal.signal(sig, self._on_signal)
+            self._previous_handlers.setdefault(sig, previous)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.plan["world_size"] = trainer.world_size
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its SIGTERM handler just before training starts and restores the earlier
+        # handlers at teardown; installing ours here replaces its handler for the run and leaves no trace
+        self._install()
+        if trainer.received_sigterm:  # arrived between Lightning's registration and now
+            self.stop_signal = signal.SIGTERM
+            trainer._signal_connector.received_sigterm = False
+        self._seen_step = trainer.global_step
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _world(self, trainer: L.Trainer) -> bool:
+        return dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._seen_step:
+            return  # inside an accumulation window: no optimizer step was taken
+        self._seen_step = trainer.global_step
+        if not getattr(pl_module, "at_checkpoint_boundary", lambda: True)():
+            return
+        stop = self.stop_signal or 0
+        if self._world(trainer):
+            flag = torch.tensor([stop], device=pl_module.device, dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = int(flag.item())
+        if stop:
+            self._preempt(trainer, stop)
+
+    def _preempt(self, trainer: L.Trainer, signum: int) -> None:
+        step = trainer.global_step
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        if trainer.is_global_zero:
+            log.warning("%s received: writing a checkpoint at step %d and stopping", name, step)
+        path = None
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, GuardedCheckpoint):
+                path = callback.save_now(trainer)
+        if trainer.is_global_zero:
+            if path is not None:
+                log.warning("preempted at step %d; resume with recipe.resume_from=auto (checkpoint %s)", step, path)
+            else:
+                log.error("preempted at step %d; no checkpoint written (see above); an earlier one resumes", step)
+        # stop through the loop (it logs this step's metrics first); raised at validation start or train end
+        self.preempted = Preempted(signum, path, step)
+        trainer.should_stop = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.preempted is not None:  # Lightning validates when a run stops early; not on preemption
+            raise self.preempted
+
+    # ------------------------------------------------------------------ non-finite steps
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self._ids_step:
+            self._ids_step = trainer.global_step
+            self._ids = []
+        if isinstance(batch, Mapping) and isinstance(batch.get("ids"), list):
+            self._ids.extend(str(i) for i in batch["ids"])
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        ok = torch.isfinite(loss.detach()).all()
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+        loss_ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool)
+        self._loss_ok = None
+        # with a fp16 grad scaler, overflowing gradients are normal: the scaler skips those steps itself
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        ok = loss_ok.to(norm.device) & (
+            torch.ones((), dtype=torch.bool, device=norm.device) if scaled else torch.isfinite(norm)
+        )
+        if self._world(trainer):
+            flag = ok.to(torch.int64).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = flag[0].bool()
+        if bool(ok):  # the one host sync per optimizer step
+            self.streak = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+        self.streak += 1
+        step = trainer.global_step
+        self.skipped_steps.append(step)
+        ids = self._ids or list(getattr(pl_module, "current_utterance_ids", lambda: [])())
+        what = "loss" if not bool(loss_ok) else "gradient norm"
+        message = (
+            f"non-finite {what} at optimizer step {step} (gradient norm {float(norm):.4g}); update skipped "
+            f"({self.streak} in a row, limit trainer.max_nonfinite_skips={self.max_nonfinite_skips}); "
+            f"utterances of the step: {ids}"
+        )
+        log.error(message)
+        if self.streak > self.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"training diverged: {self.streak} non-finite steps in a row, the last at optimizer step {step}; "
+                f"utterances of that step: {ids}. No checkpoint was written since the first of them "
+                "(lower the learning rate, check these utterances, or resume from the last checkpoint)"
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.preempted is not None:
+            raise self.preempted  # before the final checkpoint (already written) and end-of-run evaluation
+        if self.streak > 0:
+            raise NonFiniteError(
+                f"training ended inside a run of {self.streak} non-finite steps (steps {self.skipped_steps[-self.streak :]}); "
+                "no final checkpoint or export is written"
+            )
+
+    # ------------------------------------------------------------------ run plan
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_plan"] = json.loads(json.dumps(self.plan))  # plain data only (weights_only loads)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("run_plan") or {}
+        if "world_size" in saved and saved["world_size"] != trainer.world_size:
+            message = (
+                f"the checkpoint was written by {saved['world_size']} processes and this run has {trainer.world_size}: "
+                "its data position counts the batches of each rank"
+            )
+            if not self.allow_changes:
+                raise CheckpointError(message + " (set trainer.resume_allow_changes=true to resume anyway)")
+            log.warning(message)
+
+
+class GuardedCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never writes (or rotates out older files for) a suspect state, and always
+    writes ``last.ckpt`` when training ends.
+
+    Why: Lightning saves on its step interval only, so the last steps of a run were lost for export; and
+    it would write and rotate even after a divergence, deleting the last finite checkpoints.
+    """
+
+    def __init__(self, fault: FaultTolerance, **kwargs: Any) -> None:
+        super().__init__(enable_version_counter=False, **kwargs)
+        self.fault = fault
+        self._refused_step: int | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self.fault.streak > 0:
+            self._refused_step = trainer.global_step
+            if trainer.is_global_zero:
+                log.error(
+                    "not writing %s at step %d: the last update was non-finite; earlier checkpoints are kept",
+                    filepath,
+                    trainer.global_step,
+                )
+            return
+        assert_finite_weights(trainer.lightning_module.named_parameters(), f"checkpoint {filepath}")
+        super()._save_checkpoint(trainer, filepath)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self._refused_step == trainer.global_step:
+            return  # its replacement was not written
+        super()._remove_checkpoint(trainer, filepath)
+
+    def save_now(self, trainer: L.Trainer) -> Path | None:
+        """Write ``last.ckpt`` at the current step (unless refused); its path, or None."""
+        if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:
+            return Path(self.last_model_path or self._last_checkpoint_saved)
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        saved = self._last_global_step_saved == trainer.global_step and self._refused_step != trainer.global_step
+        return Path(self.last_model_path) if saved else None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.save_now(trainer)
+        if path is not None and trainer.is_global_zero:
+            log.info("final checkpoint: %s (step %d)", path, trainer.global_step)
+
+
+def find_fault_tolerance(trainer: L.Trainer) -> FaultTolerance | None:
+    """The run's :class:`FaultTolerance` callback (None for a Trainer not built by :func:`build_trainer`)."""
+    return next((c for c in trainer.callbacks if isinstance(c, FaultTolerance)), None)
+
+
+def stop_requested(trainer: L.Trainer) -> bool:
+    """True once a preemption signal arrived (long hooks such as evaluation skip their work)."""
+    fault = find_fault_tolerance(trainer)
+    return fault is not None and fault.stop_signal is not None
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, **kwargs: Any) -> None:
+    """``trainer.fit`` from the resume checkpoint chosen at build time, read weights-only."""
+    fault = find_fault_tolerance(trainer)
+    ckpt_path = fault.resume_path if fault is not None else None
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True, **kwargs)
 
 
 def _wrap_layers(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -163,16 +690,25 @@ def build_logger(cfg: LoggerConfig, run_dir: Path, resume_step: int | None = Non
 def build_trainer(
     cfg: RunConfig,
     model: torch.nn.Module,
-    extra_callbacks: list[L.Callback] = (),
+    extra_callbacks: Sequence[L.Callback] = (),
     automatic_optimization: bool = True,
     validation: bool = True,
     resume_from: str | None = None,
+    plan: Mapping[str, Any] | None = None,
 ) -> L.Trainer:
-    """The Lightning Trainer for a run: strategy, precision, atomic checkpoints every N steps, logger."""
+    """The Lightning Trainer for a run: strategy, precision, guarded atomic checkpoints every N steps and
+    at the end, fault handling (:class:`FaultTolerance`), logger.
+
+    ``resume_from``: the checkpoint :func:`fit` resumes from (already resolved); ``plan``: what the data
+    position of a checkpoint means (stored in every checkpoint, compared on resume).
+    """
     t = cfg.trainer
     run_dir = Path(cfg.run_dir)
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
+    fault = FaultTolerance(t.max_nonfinite_skips, plan, t.resume_allow_changes)
+    fault.resume_path = resume_from
+    checkpoint = GuardedCheckpoint(
+        fault,
+        dirpath=run_dir / CHECKPOINT_DIR,
         filename="step={step:08d}",
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
@@ -182,9 +718,16 @@ def build_trainer(
         mode="max",
         save_on_train_epoch_end=True,
     )
-    callbacks: list[L.Callback] = [checkpoint, TorchRNGState(), *extra_callbacks]
-    logger = build_logger(cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from else None)
-    plugins = [AtomicCheckpointIO()] if t.strategy == "auto" else []
+    callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *extra_callbacks]
+    logger = build_logger(
+        cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from and not Path(resume_from).is_dir() else None
+    )
+    plugins: list[Any] = [AtomicCheckpointIO()] if t.strategy == "auto" else []
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # our handler checkpoints and exits 143 on SIGTERM/SIGUSR1; requeueing is the job script's (recipes/slurm)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -208,6 +751,16 @@ def build_trainer(
         callbacks=callbacks,
         plugins=plugins,
     )
+
+
+def prepare_run_dir(cfg: RunConfig, resume_from: str | None) -> str | None:
+    """Start-of-run checks, before data or model are touched: the run and checkpoint directories are
+    writable, stale temporaries of dead processes are removed, and the resume checkpoint is resolved
+    (``auto`` / ``last`` / a path; a missing or damaged one fails here, not after the model is built)."""
+    run_dir = Path(cfg.run_dir)
+    check_writable(run_dir, run_dir / CHECKPOINT_DIR)
+    remove_stale_temporaries(run_dir, run_dir / CHECKPOINT_DIR)
+    return resolve_resume(resume_from, run_dir)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -272,6 +272,10 @@ class TrainerConfig:
     """Write a resumable checkpoint every N optimizer steps (and at the end)."""
     save_top_k: int = 2
     """How many step checkpoints to keep (``last.ckpt`` is always kept)."""
+    max_nonfinite_skips: int = 3
+    """Non-finite steps (loss or gradient norm) skipped in a row before the run stops; 0 = stop at the first."""
+    resume_allow_changes: bool = False
+    """Resume although the checkpoint's data plan (manifests, batching, seed, ranks) or model differ (warned)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels."""
     enable_progress_bar: bool = True
@@ -297,6 +301,7 @@ class TrainerConfig:
         _require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
         _require(self.gradient_clip_val >= 0, "trainer.gradient_clip_val", "must be >= 0")
         _require(self.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", "must be >= 1")
+        _require(self.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", "must be >= 0")
         _require(
             self.fsdp_sharding in {"FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"},
             "trainer.fsdp_sharding",
@@ -387,7 +392,8 @@ class SFTConfig:
     ctc_weight: float = 0.0
     """Auxiliary CTC loss weight on the projector output (helps models trained from scratch; 0 = off)."""
     resume_from: str | None = None
-    """Checkpoint to resume: a ``.ckpt`` path, or ``last`` (this run directory's last.ckpt)."""
+    """Checkpoint to resume: ``auto`` (the newest intact checkpoint of this run directory, or a fresh start),
+    ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""
     export_on_end: bool = True
     """Write a transformers-native export of the final weights to ``<run_dir>/export``."""
 
@@ -571,7 +577,7 @@ class GSPOConfig:
     context_prob: float = 0.0
     """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
     resume_from: str | None = None
-    """Checkpoint to resume: a ``.ckpt`` path or ``last``."""
+    """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
     export_on_end: bool = True
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 
@@ -635,7 +641,7 @@ class AlignerConfig:
     on_unit_mismatch: str = "error"
     """A manifest whose words differ from the aligner's word units of its text: ``error`` or ``skip`` (counted)."""
     resume_from: str | None = None
-    """Checkpoint to resume: a ``.ckpt`` path or ``last``."""
+    """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
     export_on_end: bool = True
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 

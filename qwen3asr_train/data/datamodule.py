@@ -38,32 +38,42 @@ def row_checks(cfg: DataConfig) -> RowChecks:
     )
 
 
-def load_train_utterances(cfg: DataConfig) -> tuple[list[Utterance], Any]:
-    """All training utterances (manifests + optional HF dataset) and the HF dataset object (or None)."""
+def load_train_utterances(cfg: DataConfig, report: SkipReport | None = None) -> tuple[list[Utterance], Any]:
+    """All training utterances (manifests + optional HF dataset) and the HF dataset object (or None).
+
+    ``report`` collects the rows the skip policy dropped (the stage writes them to ``rejects.jsonl``).
+    """
     checks = row_checks(cfg)
-    items = read_manifests(cfg.train, checks, cfg.on_bad_row) if cfg.train else []
+    report = report if report is not None else SkipReport()
+    local = SkipReport()
+    items = read_manifests(cfg.train, checks, cfg.on_bad_row, local) if cfg.train else []
     hf = None
     if cfg.hf_train.path:
         from qwen3asr_train.data.dataset import load_hf_source
 
-        hf_items, hf = load_hf_source(cfg.hf_train, checks, cfg.on_bad_row)
+        hf_items, hf = load_hf_source(cfg.hf_train, checks, cfg.on_bad_row, local)
         items.extend(hf_items)
+    report.extend(local, "train")
     return items, hf
 
 
-def drop_long_targets(items: Sequence[Utterance], processor: Qwen3ASRProcessor, cfg: DataConfig) -> list[Utterance]:
+def drop_long_targets(
+    items: Sequence[Utterance], processor: Qwen3ASRProcessor, cfg: DataConfig, report: SkipReport | None = None
+) -> list[Utterance]:
     """Apply ``data.max_text_tokens`` with the row policy (needs the tokenizer, so it runs after model build)."""
-    kept, report = [], SkipReport()
+    kept, local = [], SkipReport()
     for utt in items:
         n = len(processor.tokenizer.encode(utt.text, add_special_tokens=False))
         if n > cfg.max_text_tokens:
             message = f"{utt.source}: text has {n} tokens > data.max_text_tokens={cfg.max_text_tokens}"
             if cfg.on_bad_row == "error":
                 raise ManifestError(message, "text_too_long")
-            report.add("text_too_long", message)
+            local.add("text_too_long", message, utt.source)
             continue
         kept.append(utt)
-    report.log("token-length check")
+    local.log("token-length check")
+    if report is not None:
+        report.extend(local, "train")
     return kept
 
 

@@ -7,9 +7,11 @@ from its micro-batch, logs it and counts it (the count is reported in the traini
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,8 @@ class UtteranceDataset:
         self.on_bad_audio = on_bad_audio
         self.hf_dataset = hf_dataset
         self.hf_audio_column = hf_audio_column
+        self.rejects_path: Path | None = None
+        """Where rows skipped while decoding are appended (``<run_dir>/rejects.jsonl``); None: log only."""
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -61,12 +65,30 @@ class UtteranceDataset:
                     self.hf_dataset[int(utt.audio[len(HF_PREFIX) :])][self.hf_audio_column], utt.source
                 )
             audio = load_audio(source, utt.offset, utt.duration, where=f"manifest {utt.source}")
-        except AudioError:
+        except AudioError as exc:
             if self.on_bad_audio == "error":
                 raise
             log.warning("skipping unreadable audio of %s (%s)", utt.id, utt.source, exc_info=True)
+            if self.rejects_path is not None:
+                self._append_reject(utt, str(exc))
             return None
         return Sample(utt, audio, index)
+
+    def _append_reject(self, utt: Utterance, message: str) -> None:
+        """One ``rejects.jsonl`` line for a row that passed the start checks but failed to decode.
+
+        Appends (``O_APPEND``, one short write per line) so DataLoader worker processes can share the file.
+        """
+        file, _, line = utt.source.rpartition(":")
+        row = {
+            "file": file or utt.source,
+            "line": int(line) if line.isdigit() else None,
+            "reason": "audio_decode_failed",
+            "message": message,
+            "what": "decode",
+        }
+        with open(self.rejects_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def durations(self) -> list[float]:
         return [u.duration for u in self.utterances]
@@ -101,14 +123,15 @@ def _hf_audio_bytes(value: Any, where: str) -> bytes | str:
     raise AudioError(f"{where}: unsupported audio cell of type {type(value).__name__}")
 
 
-def load_hf_source(cfg: HFDatasetConfig, checks: RowChecks, policy: str) -> tuple[list[Utterance], Any]:
+def load_hf_source(
+    cfg: HFDatasetConfig, checks: RowChecks, policy: str, rejects: SkipReport | None = None
+) -> tuple[list[Utterance], Any]:
     """Rows of an HF dataset (``load_from_disk`` directory or ``load_dataset`` name) as utterances.
 
     The audio column is cast to ``Audio(decode=False)`` so decoding goes through soundfile (no
     torchcodec/FFmpeg needed); durations are read from the encoded audio headers.
     """
     import io
-    from pathlib import Path
 
     import datasets
     import soundfile as sf
@@ -161,6 +184,8 @@ def load_hf_source(cfg: HFDatasetConfig, checks: RowChecks, policy: str) -> tupl
         except (ManifestError, AudioError) as exc:
             if policy == "error":
                 raise
-            report.add(getattr(exc, "reason", "audio_unreadable"), str(exc))
+            report.add(getattr(exc, "reason", "audio_unreadable"), str(exc), where)
     report.log(str(cfg.path))
+    if rejects is not None:
+        rejects.extend(report)
     return items, ds

@@ -9,7 +9,13 @@ Accepted row shapes (one JSON object per line):
 
 Relative audio paths are resolved against the manifest's directory. Every problem names the file and
 line. ``on_bad_row="error"`` raises at the first bad row; ``"skip"`` drops it, counts it by reason and
-logs a summary with examples — nothing is dropped silently.
+logs a summary with examples — nothing is dropped silently; the stages also write every dropped row to
+``<run_dir>/rejects.jsonl`` (:meth:`SkipReport.write`).
+
+Every row's audio header is read at start (``soundfile.info``, threads for large manifests), also when
+the row gives a ``duration``: a zero-byte, corrupt or header-only file, or a segment outside the file,
+is a bad row at start instead of a crash in the middle of training. Each line is decoded on its own, so
+a non-UTF-8 byte is a bad row (``bad_encoding``) under the same policy.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen3asr_train.data.audio import AudioError, audio_info
+from qwen3asr_train.data.audio import DURATION_SLACK_SECONDS, AudioError, audio_info
 from qwen3asr_train.data.prompts import ASR_TEXT
 from qwen3asr_train.languages import NO_SPEECH, LanguageTable, UnknownLanguageError
 
@@ -83,15 +90,27 @@ class Utterance:
 
 @dataclass
 class SkipReport:
-    """Counts of rows dropped under ``on_bad_row="skip"``, by reason, with a few examples."""
+    """Rows dropped under ``on_bad_row="skip"``: counts by reason, and every row (for ``rejects.jsonl``).
+
+    Why keep every row: a log line can show a few examples, but whoever cleans the corpus needs the
+    complete list with file, line and reason.
+    """
 
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, reason: str, message: str) -> None:
+    def add(self, reason: str, message: str, source: str = "", what: str = "") -> None:
+        """Record one dropped row; ``source`` is ``file:line`` (or ``file[split]:index``) when known."""
         self.counts[reason] += 1
         if len(self.examples) < 10:
             self.examples.append(message)
+        file, _, line = source.rpartition(":")
+        entry: dict[str, Any] = {"file": file or source, "line": int(line) if line.isdigit() else None}
+        entry.update(reason=reason, message=message)
+        if what:
+            entry["what"] = what
+        self.rows.append(entry)
 
     @property
     def total(self) -> int:
@@ -100,8 +119,27 @@ class SkipReport:
     def log(self, what: str) -> None:
         if self.total:
             log.warning(
-                "skipped %d bad rows in %s: %s; e.g. %s", self.total, what, dict(self.counts), self.examples[:3]
+                "skipped %d bad rows in %s: %s; e.g. %s (every row: rejects.jsonl in the run directory)",
+                self.total,
+                what,
+                dict(self.counts),
+                self.examples[:3],
             )
+
+    def extend(self, other: SkipReport, what: str = "") -> None:
+        """Add another report's rows (tagged with ``what``, e.g. ``train`` or ``eval:dev``)."""
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[: max(0, 10 - len(self.examples))])
+        self.rows.extend({**row, "what": row.get("what") or what} if what else row for row in other.rows)
+
+    def write(self, path: str | Path) -> Path:
+        """Write every dropped row as JSON lines (an empty file when nothing was dropped), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
 
 
 @dataclass
@@ -114,10 +152,29 @@ class RowChecks:
     check_audio: bool = True
 
 
-def _open_text(path: Path) -> Iterator[str]:
+def _open_lines(path: Path) -> Iterator[bytes]:
+    """Raw lines: each is decoded on its own so one bad byte costs one row, not the manifest."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rb") as handle:
         yield from handle
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """A manifest line as text; a non-UTF-8 byte is a :class:`ManifestError` (``bad_encoding``)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
+            "bad_encoding",
+        ) from None
+
+
+HEADER_CHECK_THREADS = 8
+"""Threads reading audio headers at start (the reads wait on the disk, not the GIL)."""
+
+PARALLEL_ROWS = 64
+"""Manifests with at least this many rows have their headers read in parallel."""
 
 
 def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: int) -> Utterance:
@@ -182,15 +239,21 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
     duration = row.get("duration")
     if duration is not None:
         duration = _number(duration, "duration", where)
+    length: float | None = None
     if checks.check_audio and not is_hf:
         if not path.is_file():
             raise ManifestError(f"{where}: audio file not found: {path}", "audio_missing")
+        try:
+            frames, rate = audio_info(path)
+        except AudioError as exc:
+            raise ManifestError(f"{where}: {exc}", "audio_unreadable") from None
+        if frames <= 0:
+            raise ManifestError(f"{where}: {path} holds no samples (header only)", "audio_empty")
+        length = frames / rate
+        if offset >= length:
+            raise ManifestError(f"{where}: offset={offset}s is past the end of {path} ({length:.3f}s)", "bad_segment")
         if duration is None:
-            try:
-                frames, rate = audio_info(path)
-            except AudioError as exc:
-                raise ManifestError(f"{where}: {exc}", "audio_unreadable") from None
-            duration = frames / rate - offset
+            duration = length - offset
     if duration is None:
         raise ManifestError(f"{where}: no 'duration' and the audio header was not read", "no_duration")
     if offset < 0 or duration <= 0:
@@ -205,6 +268,11 @@ def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: in
         raise ManifestError(
             f"{where}: audio is {duration:.3f}s, shorter than data.min_duration={checks.min_duration}s",
             "audio_too_short",
+        )
+    if length is not None and offset + duration > length + DURATION_SLACK_SECONDS:
+        raise ManifestError(
+            f"{where}: segment offset={offset}s duration={duration}s runs past the end of {path} ({length:.3f}s)",
+            "bad_segment",
         )
 
     words = None
@@ -259,28 +327,47 @@ def _parse_words(raw: Any, duration: float, where: str) -> list[AlignedWord]:
 def read_manifest(
     path: str | Path, checks: RowChecks, policy: str = "error", report: SkipReport | None = None
 ) -> list[Utterance]:
-    """Read and validate a JSONL(.gz) manifest (see the module docstring for shapes and policy)."""
+    """Read and validate a JSONL(.gz) manifest (see the module docstring for shapes and policy).
+
+    Rows are decoded and parsed as JSON in order, then validated (audio headers included) in threads
+    when the manifest is large; results and the first error under ``policy="error"`` keep file order.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found", "manifest_missing")
     report = report if report is not None else SkipReport()
-    items: list[Utterance] = []
-    for line_no, line in enumerate(_open_text(path), start=1):
-        if not line.strip():
-            continue
+
+    def parse(item: tuple[int, bytes]) -> Utterance | ManifestError:
+        line_no, raw = item
         where = f"{path}:{line_no}"
         try:
+            line = decode_line(raw, where)
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ManifestError(
                     f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json"
                 ) from None
-            items.append(parse_row(row, where, path.parent, checks, line_no))
+            return parse_row(row, where, path.parent, checks, line_no)
         except ManifestError as exc:
+            return exc
+
+    lines = [(n, raw) for n, raw in enumerate(_open_lines(path), start=1) if raw.strip()]
+    if len(lines) >= PARALLEL_ROWS and checks.check_audio:
+        with ThreadPoolExecutor(HEADER_CHECK_THREADS) as pool:
+            results = list(pool.map(parse, lines, chunksize=16))
+    else:
+        results = [parse(item) for item in lines]
+    items: list[Utterance] = []
+    for (line_no, _), result in zip(lines, results, strict=True):
+        if isinstance(result, ManifestError):
             if policy == "error":
-                raise
-            report.add(exc.reason, str(exc))
+                raise result
+            report.add(result.reason, str(result), f"{path}:{line_no}")
+            continue
+        items.append(result)
     if not items:
         raise ManifestError(f"{path}: no usable rows", "empty_manifest")
     log.info("%s: %d utterances, %.2f h", path, len(items), sum(u.duration for u in items) / 3600)
@@ -288,15 +375,23 @@ def read_manifest(
 
 
 def read_manifests(
-    paths: str | Path | Iterable[str | Path], checks: RowChecks, policy: str = "error"
+    paths: str | Path | Iterable[str | Path],
+    checks: RowChecks,
+    policy: str = "error",
+    report: SkipReport | None = None,
 ) -> list[Utterance]:
-    """Read several manifests; log (and return nothing silently) what the skip policy dropped."""
+    """Read several manifests; log (and return nothing silently) what the skip policy dropped.
+
+    ``report``: collects the dropped rows (for ``rejects.jsonl``); a fresh one when omitted.
+    """
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
-    report = SkipReport()
+    report = report if report is not None else SkipReport()
+    local = SkipReport()
     items: list[Utterance] = []
     for path in paths:
-        items.extend(read_manifest(path, checks, policy, report))
-    report.log(", ".join(str(p) for p in paths))
+        items.extend(read_manifest(path, checks, policy, local))
+    local.log(", ".join(str(p) for p in paths))
+    report.extend(local)
     ids = Counter(u.id for u in items)
     duplicated = [i for i, n in ids.items() if n > 1]
     if duplicated:

@@ -20,9 +20,11 @@ import torch
 from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.config.schema import DataConfig, EvalHookConfig
+from qwen3asr_train.data.audio import AudioError
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
-from qwen3asr_train.data.manifest import RowChecks, read_manifest
+from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, read_manifest
 from qwen3asr_train.eval.decode import DecodeOptions, decode_distributed
+from qwen3asr_train.training import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,34 @@ class Evaluator(Protocol):
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]: ...
 
 
-def load_eval_sets(sets: dict[str, str], checks: RowChecks, policy: str, limit: int = 0) -> dict[str, list[Sample]]:
-    """Decode every set's audio once (validation sets are small; they are reused at every evaluation)."""
+def load_eval_sets(
+    sets: dict[str, str], checks: RowChecks, policy: str, limit: int = 0, rejects: SkipReport | None = None
+) -> dict[str, list[Sample]]:
+    """Decode every set's audio once (validation sets are small; they are reused at every evaluation).
+
+    Under ``policy="skip"`` unusable rows are dropped and counted per set (``rejects`` collects them,
+    tagged ``eval:<set>``), so one bad row does not abort the evaluation of the others.
+    """
     out: dict[str, list[Sample]] = {}
     for name, path in sets.items():
-        utts = read_manifest(path, checks, policy)
+        report = SkipReport()
+        utts = read_manifest(path, checks, policy, report)
         if limit > 0:
             utts = utts[:limit]
         dataset = UtteranceDataset(utts, policy)
-        out[name] = [s for s in (dataset.load(i) for i in range(len(utts))) if s is not None]
+        out[name] = []
+        for i, utt in enumerate(utts):
+            try:
+                sample = dataset.load(i)
+            except AudioError as exc:
+                raise ManifestError(f"{utt.source}: {exc}", "audio_decode_failed") from None
+            if sample is None:
+                report.add("audio_decode_failed", f"{utt.source}: audio could not be decoded", utt.source)
+                continue
+            out[name].append(sample)
+        report.log(f"evaluation set {name}")
+        if rejects is not None:
+            rejects.extend(report, f"eval:{name}")
     return out
 
 
@@ -152,11 +173,11 @@ class PeriodicEvaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and not stop_requested(trainer):
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_end:
+        if self.at_end and not stop_requested(trainer):
             self._run(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +79,28 @@ class Rollouts:
     texts: list[str]
     truncated: list[bool]
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def sampling_rng(seed: int, rank: int, rollout: int, device: torch.device | str) -> Iterator[None]:
+    """Seed torch's RNG from (seed, rank, rollout) for one generation, and restore it afterwards.
+
+    Why: sampling from the global stream makes a rollout depend on every draw before it (dropout, data
+    loader seeds), so a resumed run sampled other completions than the uninterrupted one. Seeded per
+    rollout, the completions depend only on the weights and the rollout index, and the global stream
+    (dropout in the updates) is left exactly as it was.
+    """
+    device = torch.device(device)
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        s = zlib.crc32(f"sampling/{seed}/{rank}/{rollout}".encode())
+        torch.random.default_generator.manual_seed(s)
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(s)
+        yield
 
 
 def build_prompts(

@@ -14,7 +14,6 @@ language concatenated (word times offset); inputs longer than the classes can ad
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +39,25 @@ from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.languages import FORCED_ALIGNER_LANGUAGES
 from qwen3asr_train.losses import audio_ctc, slot_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_model_init, save_native
-from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config, total_optimizer_steps
-from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer
+from qwen3asr_train.model.export import save_model_init
+from qwen3asr_train.stages.sft import (
+    MODEL_INIT_DIR,
+    REJECTS_FILE,
+    export_final,
+    run_plan,
+    save_run_config,
+    total_optimizer_steps,
+    write_rejects,
+)
+from qwen3asr_train.training import (
+    StepNormaliser,
+    all_reduce_sums,
+    build_optimizer,
+    build_trainer,
+    check_resume_plan,
+    fit,
+    prepare_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +225,11 @@ class AlignerModule(L.LightningModule):
         return build_optimizer(self, self.recipe.optim, self.total_steps)
 
 
-def usable_for_alignment(items: Sequence[Utterance], policy: str, what: str) -> list[Utterance]:
-    """Utterances with word times matching the aligner's word units; others raise or are skipped (counted)."""
+def usable_for_alignment(
+    items: Sequence[Utterance], policy: str, what: str, rejects: SkipReport | None = None
+) -> list[Utterance]:
+    """Utterances with word times matching the aligner's word units; others raise or are skipped (counted,
+    and added to ``rejects`` tagged with ``what``)."""
     kept, report = [], SkipReport()
     for utt in items:
         try:
@@ -221,10 +239,12 @@ def usable_for_alignment(items: Sequence[Utterance], policy: str, what: str) -> 
         except (ManifestError, ValueError) as exc:
             if policy == "error":
                 raise ManifestError(str(exc), getattr(exc, "reason", "unit_mismatch")) from None
-            report.add(getattr(exc, "reason", "unit_mismatch"), str(exc))
+            report.add(getattr(exc, "reason", "unit_mismatch"), str(exc), utt.source)
             continue
         kept.append(utt)
     report.log(what)
+    if rejects is not None:
+        rejects.extend(report, what)
     outside = sorted({u.language for u in kept} - set(FORCED_ALIGNER_LANGUAGES) - {None})
     if outside:
         log.warning("languages outside the released aligner's 11: %s (training a new language)", outside)
@@ -251,12 +271,22 @@ def prepare(
     """Model, data and Trainer for an aligner run."""
     recipe: AlignerConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
+    resume = prepare_run_dir(cfg, recipe.resume_from)
     L.seed_everything(cfg.seed, workers=True)
     save_run_config(cfg, run_dir)
-    train, hf = load_train_utterances(cfg.data)
-    train = usable_for_alignment(train, recipe.on_unit_mismatch, "training data")
-    valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row) if cfg.data.valid else []
-    valid = usable_for_alignment(valid, recipe.on_unit_mismatch, "validation data") if valid else []
+    rejects = SkipReport()
+    train, hf = load_train_utterances(cfg.data, rejects)
+    train = usable_for_alignment(train, recipe.on_unit_mismatch, "train", rejects)
+    checks = row_checks(cfg.data)
+    valid = read_manifests(cfg.data.valid, checks, cfg.data.on_bad_row, rejects) if cfg.data.valid else []
+    valid = usable_for_alignment(valid, recipe.on_unit_mismatch, "valid", rejects) if valid else []
+    write_rejects(rejects, run_dir)
+    plan = run_plan(
+        cfg,
+        {"train": train},
+        aligner={"concat_max_seconds": recipe.concat_max_seconds, "concat_gap_seconds": recipe.concat_gap_seconds},
+    )
+    check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
     num_classes = int(model.config.num_labels)
     limit = max_addressable_seconds(num_classes)
@@ -271,6 +301,7 @@ def prepare(
     save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
 
     dataset = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
+    dataset.rejects_path = run_dir / REJECTS_FILE
     if recipe.concat_max_seconds > 0:
         if recipe.concat_max_seconds > limit:
             raise ValueError(
@@ -295,8 +326,7 @@ def prepare(
     hook = build_aligner_hook(cfg.evaluation, cfg.data, processor, run_dir, recipe.on_unit_mismatch)
     if hook is not None:
         callbacks.append(hook)
-    resume = resolve_resume(recipe.resume_from, run_dir)
-    trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume)
+    trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
     special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
@@ -309,10 +339,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     recipe: AlignerConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
     module, datamodule, trainer, processor = prepare(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
+    fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
     written: dict[str, Any] = {"run_dir": str(run_dir)}
     if recipe.export_on_end and cfg.trainer.strategy in {"auto", "ddp"} and trainer.is_global_zero:
-        run_config = json.loads((run_dir / "run.json").read_text())
-        written["export"] = str(save_native(module.model, processor, run_dir / "export", run_config=run_config))
-        log.info("aligner export: %s", written["export"])
+        written["export"] = str(export_final(module.model, processor, trainer, run_dir))
     return written

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from qwen3asr_train.config.schema import EvalConfig, ModelConfig, RunConfig
 from qwen3asr_train.data.datamodule import row_checks
+from qwen3asr_train.data.manifest import ManifestError, SkipReport
 from qwen3asr_train.eval.decode import decode_distributed
 from qwen3asr_train.eval.hook import load_eval_sets
 from qwen3asr_train.model.builder import build_model
@@ -50,15 +51,24 @@ def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tup
 
 
 def _evaluate_aligner(
-    model: torch.nn.Module, processor: Any, sets: dict[str, list], out_dir: Path, recipe: EvalConfig, rank: int
+    model: torch.nn.Module,
+    processor: Any,
+    sets: dict[str, list],
+    out_dir: Path,
+    recipe: EvalConfig,
+    rank: int,
+    policy: str,
+    rejects: SkipReport,
 ) -> dict[str, Any]:
     """AAS per set and language (+ the energy baseline), alignments as JSON/TextGrid, a few plots."""
     from qwen3asr_train.eval.align_eval import AlignmentEvaluator
     from qwen3asr_train.stages.aligner import usable_for_alignment
 
     for name, samples in sets.items():
-        keep = {u.id for u in usable_for_alignment([s.utt for s in samples], "error", f"evaluation set {name}")}
+        keep = {u.id for u in usable_for_alignment([s.utt for s in samples], policy, f"eval:{name}", rejects)}
         sets[name] = [s for s in samples if s.utt.id in keep]
+        if not sets[name]:
+            raise ManifestError(f"evaluation set {name}: no usable rows for alignment", "empty_manifest")
     evaluator = AlignmentEvaluator(processor, sets, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size)
     metrics = evaluator.evaluate(model, out_dir, write=rank == 0)
     if dist.is_initialized():
@@ -76,9 +86,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model, processor = load_for_eval(recipe.model_path, cfg.model)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row)
+    rejects = SkipReport()
+    sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row, rejects=rejects)
     if not hasattr(model, "generate"):  # a forced aligner: timestamps, not transcripts
-        return _evaluate_aligner(model, processor, sets, out_dir, recipe, rank)
+        metrics = _evaluate_aligner(model, processor, sets, out_dir, recipe, rank, cfg.data.on_bad_row, rejects)
+        if rank == 0:
+            _write_skips(out_dir, rejects, sets)
+        return metrics
     opts = recipe.decode
     results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
     summary: dict[str, Any] = {}
@@ -86,6 +100,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         from qwen3asr_train.eval.report import write_reports
 
         summary = write_reports(out_dir, results)
+        _write_skips(out_dir, rejects, sets)
         (out_dir / "eval_config.json").write_text(
             json.dumps({"model_path": str(recipe.model_path), "sets": dict(recipe.sets)}, indent=2) + "\n"
         )
@@ -93,3 +108,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _write_skips(out_dir: Path, rejects: SkipReport, sets: dict[str, list]) -> None:
+    """``rejects.jsonl`` (every skipped row) and ``skipped.json`` (per set: rows evaluated, skipped by reason)."""
+    rejects.write(out_dir / "rejects.jsonl")
+    per_set: dict[str, dict[str, Any]] = {
+        name: {"evaluated": len(samples), "skipped": {}} for name, samples in sets.items()
+    }
+    for row in rejects.rows:
+        name = str(row.get("what", "")).removeprefix("eval:")
+        counts = per_set.setdefault(name, {"evaluated": 0, "skipped": {}})["skipped"]
+        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    (out_dir / "skipped.json").write_text(json.dumps(per_set, indent=2) + "\n")
+    for name, entry in per_set.items():
+        if entry["skipped"]:
+            log.warning("evaluation set %s: %d rows evaluated, skipped %s", name, entry["evaluated"], entry["skipped"])

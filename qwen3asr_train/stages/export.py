@@ -20,28 +20,52 @@ from qwen3asr_train.config.schema import ExportConfig, LoraConfig, RunConfig
 from qwen3asr_train.model.builder import AsrModel, apply_lora, merge_lora
 from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys
 from qwen3asr_train.model.export import save_native, save_original
+from qwen3asr_train.training import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    assert_finite_weights,
+    checkpoint_step,
+    load_checkpoint_file,
+    newest_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint file or DeepSpeed dir, run directory)`` for a ``.ckpt`` path or a run directory."""
+    """``(checkpoint file or DeepSpeed dir, run directory)`` for a ``.ckpt`` path or a run directory.
+
+    A run directory gives its newest intact checkpoint by global step (``last.ckpt`` normally, which
+    training writes at its final step); a damaged ``last.ckpt`` is skipped with a warning naming it.
+    """
     path = Path(path)
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
-        return path / "checkpoints" / "last.ckpt", path
+    if path.is_dir() and (path / CHECKPOINT_DIR).is_dir():
+        found = newest_checkpoint(path / CHECKPOINT_DIR)
+        if found is None:
+            raise CheckpointError(f"recipe.checkpoint={path}: no intact checkpoint in {path / CHECKPOINT_DIR}")
+        last = path / CHECKPOINT_DIR / "last.ckpt"
+        if found[0] != last:
+            log.warning("%s: exporting %s (step %d) instead of last.ckpt", path, found[0].name, found[1])
+        return found[0], path
     if path.exists():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
         return path, run_dir
     raise FileNotFoundError(f"recipe.checkpoint={path}: neither a checkpoint nor a run directory with checkpoints/")
 
 
 def load_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The LightningModule state dict of a checkpoint (a file, or a DeepSpeed checkpoint directory)."""
+    """The LightningModule state dict of a checkpoint (a file, or a DeepSpeed checkpoint directory).
+
+    Files are read with ``weights_only=True``: a checkpoint that needs arbitrary objects is refused
+    (:class:`~qwen3asr_train.training.CheckpointError` naming the file), never executed.
+    """
     if ckpt.is_dir():
         from lightning.pytorch.utilities.deepspeed import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    payload = load_checkpoint_file(ckpt)
+    if "state_dict" not in payload:
+        raise CheckpointError(f"{ckpt}: no state_dict (not a Lightning training checkpoint)")
     return payload["state_dict"]
 
 
@@ -77,6 +101,10 @@ def run(cfg: RunConfig) -> dict[str, str]:
     recipe: ExportConfig = cfg.recipe
     ckpt, run_dir = find_checkpoint(recipe.checkpoint)
     model, processor, run_cfg = rebuild_from_run(ckpt, run_dir)
+    assert_finite_weights(model.named_parameters(), f"an export of {ckpt}")
+    step = checkpoint_step(ckpt) if ckpt.is_file() else None
+    run_cfg = {**run_cfg, "exported_from": {"global_step": step, "checkpoint": str(ckpt)}}
+    log.info("exporting %s (global step %s)", ckpt, step)
     out = Path(recipe.output_dir) if recipe.output_dir else run_dir / "export"
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
     written = {}

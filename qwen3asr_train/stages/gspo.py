@@ -19,7 +19,6 @@ variants ``gspo_token`` and ``grpo`` for ablations; ``advantage_scale`` ``batch`
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import zlib
@@ -36,7 +35,7 @@ from qwen3asr_train.config.schema import GSPOConfig, RunConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.datamodule import load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
-from qwen3asr_train.data.manifest import Utterance, read_manifests
+from qwen3asr_train.data.manifest import SkipReport, Utterance, read_manifests
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
@@ -49,9 +48,24 @@ from qwen3asr_train.rl.rollout import (
     SamplingOptions,
     build_prompts,
     completion_logprobs,
+    sampling_rng,
 )
-from qwen3asr_train.stages.sft import MODEL_INIT_DIR, resolve_resume, save_run_config
-from qwen3asr_train.training import build_optimizer, build_trainer
+from qwen3asr_train.stages.sft import (
+    MODEL_INIT_DIR,
+    REJECTS_FILE,
+    export_run_config,
+    run_plan,
+    save_run_config,
+    write_rejects,
+)
+from qwen3asr_train.training import (
+    assert_finite_weights,
+    build_optimizer,
+    build_trainer,
+    check_resume_plan,
+    fit,
+    prepare_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +148,16 @@ class RolloutLoader:
     def __init__(self, dataset: MixtureRollouts, num_workers: int) -> None:
         self.sampler = TickSampler()
         self.batch_sampler = None
+        # own generator: creating the iterator draws a worker base seed, which must not come from the global
+        # RNG (restored on resume just before the iterator is created, it would be shifted by that draw)
+        generator = torch.Generator().manual_seed(dataset.seed)
         self.loader = DataLoader(
-            dataset, sampler=self.sampler, batch_size=None, collate_fn=lambda x: x, num_workers=num_workers
+            dataset,
+            sampler=self.sampler,
+            batch_size=None,
+            collate_fn=lambda x: x,
+            num_workers=num_workers,
+            generator=generator,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -184,7 +206,8 @@ class GSPOModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()  # dropout off: behaviour log-probs and sampling use the deterministic policy
         prompts = build_prompts(self.processor, samples, self.sampling, rollout).to(self.device)
-        rollouts = self.engine.generate(self.model, prompts, self.sampling)
+        with sampling_rng(self.sampling.seed, self.global_rank, rollout, self.device):
+            rollouts = self.engine.generate(self.model, prompts, self.sampling)
         inputs = [
             RewardInput(
                 completion=rollouts.texts[b * r.group_size + g],
@@ -224,7 +247,16 @@ class GSPOModule(L.LightningModule):
             "minibatches": minibatches,
             "old": old,
             "ref": ref,
+            "ids": [s.utt.id for s in samples],
         }
+
+    def at_checkpoint_boundary(self) -> bool:
+        """True between rollout batches: the only points a checkpoint resumes exactly (no cached rollout)."""
+        return self._pending is None
+
+    def current_utterance_ids(self) -> list[str]:
+        """Utterances of the rollout batch being trained on (named when a step is non-finite)."""
+        return list(self._pending["ids"]) if self._pending is not None else []
 
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -259,7 +291,7 @@ class GSPOModule(L.LightningModule):
             self.manual_backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
         opt.step()
         sched.step()
-        if j == r.steps_per_generation - 1 and batch["minibatch"] == r.steps_per_rollout() - 1:
+        if batch["minibatch"] == r.steps_per_rollout() - 1:
             self._pending = None
         loader = self.trainer.train_dataloader
         if isinstance(loader, RolloutLoader):
@@ -359,15 +391,18 @@ class GSPOModule(L.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------- build
-def _sources(cfg: RunConfig) -> list[tuple[list[Utterance], float, str]]:
+def _sources(cfg: RunConfig, rejects: SkipReport | None = None) -> list[tuple[list[Utterance], float, str]]:
     recipe: GSPOConfig = cfg.recipe
+    rejects = rejects if rejects is not None else SkipReport()
     if recipe.mix:
         checks = row_checks(cfg.data)
-        return [
-            (read_manifests(src.manifests, checks, cfg.data.on_bad_row), src.weight, name)
-            for name, src in recipe.mix.items()
-        ]
-    items, hf = load_train_utterances(cfg.data)
+        out = []
+        for name, src in recipe.mix.items():
+            local = SkipReport()
+            out.append((read_manifests(src.manifests, checks, cfg.data.on_bad_row, local), src.weight, name))
+            rejects.extend(local, f"mix:{name}")
+        return out
+    items, hf = load_train_utterances(cfg.data, rejects)
     if hf is not None:
         raise NotImplementedError("recipe=gspo reads manifests (data.train or recipe.mix); HF datasets are SFT-only")
     return [(items, 1.0, "train")]
@@ -377,9 +412,24 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     """Model, rollout data and Trainer for a GSPO run."""
     recipe: GSPOConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
+    resume = prepare_run_dir(cfg, recipe.resume_from)
     L.seed_everything(cfg.seed, workers=True)
     save_run_config(cfg, run_dir)
-    sources = _sources(cfg)
+    rejects = SkipReport()
+    sources = _sources(cfg, rejects)
+    write_rejects(rejects, run_dir)
+    plan = run_plan(
+        cfg,
+        {name: utts for utts, _, name in sources},
+        rollouts={
+            "weights": {name: weight for _, weight, name in sources},
+            "rollout_batch_size": recipe.rollout_batch_size,
+            "group_size": recipe.group_size,
+            "steps_per_generation": recipe.steps_per_generation,
+            "num_iterations": recipe.num_iterations,
+        },
+    )
+    check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     texts = [u.text for utts, _, _ in sources for u in utts]
     model, processor = build_model(cfg.model, texts=texts, seed=cfg.seed)
     init_dir = run_dir / MODEL_INIT_DIR
@@ -390,7 +440,6 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         ref_model.load_state_dict(model.state_dict())
         ref_model.requires_grad_(False).eval()
 
-    resume = resolve_resume(recipe.resume_from, run_dir)
     callbacks = list(extra_callbacks)
     hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
     if hook is not None:
@@ -402,8 +451,13 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         automatic_optimization=False,
         validation=False,
         resume_from=resume,
+        plan=plan,
     )
-    datasets = [(UtteranceDataset(utts, cfg.data.on_bad_row), weight) for utts, weight, _ in sources]
+    datasets = []
+    for utts, weight, _ in sources:
+        dataset = UtteranceDataset(utts, cfg.data.on_bad_row)
+        dataset.rejects_path = run_dir / REJECTS_FILE
+        datasets.append((dataset, weight))
     for utts, weight, name in sources:
         log.info("GSPO source %s: %d utterances, weight %.3g", name, len(utts), weight)
     dataset = MixtureRollouts(
@@ -442,10 +496,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     recipe: GSPOConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
     module, loader, trainer, processor = prepare(cfg)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
+    fit(trainer, module, train_dataloaders=loader)  # Preempted (exit 143) / NonFiniteError propagate: no export
     written: dict[str, Any] = {"run_dir": str(run_dir)}
     if recipe.export_on_end and cfg.trainer.strategy in {"auto", "ddp"} and trainer.is_global_zero:
-        run_config = json.loads((run_dir / "run.json").read_text())
+        assert_finite_weights(module.model.named_parameters(), f"the export in {run_dir / 'export'}")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        run_config = export_run_config(run_dir, trainer.global_step, str(last) if last.exists() else None)
         written["export"] = str(save_native(module.model, processor, run_dir / "export", run_config=run_config))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -33,13 +33,25 @@ from qwen3asr_train.data.datamodule import (
     row_checks,
 )
 from qwen3asr_train.data.dataset import UtteranceDataset
-from qwen3asr_train.data.manifest import read_manifests
+from qwen3asr_train.data.manifest import SkipReport, Utterance, read_manifests
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
-from qwen3asr_train.training import StepNormaliser, all_reduce_sums, build_optimizer, build_trainer
+from qwen3asr_train.training import (
+    CHECKPOINT_DIR,
+    StepNormaliser,
+    all_reduce_sums,
+    assert_finite_weights,
+    build_optimizer,
+    build_trainer,
+    check_resume_plan,
+    data_fingerprint,
+    fit,
+    prepare_run_dir,
+    resolve_resume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,27 +178,75 @@ def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     (run_dir / "run.json").write_text(json.dumps(OmegaConf.to_container(node, resolve=True), indent=2) + "\n")
 
 
-def resolve_resume(recipe_resume: str | None, run_dir: Path) -> str | None:
-    """``last`` -> this run's ``checkpoints/last.ckpt`` (which must exist); a path as is."""
-    if recipe_resume is None:
-        return None
-    path = run_dir / "checkpoints" / "last.ckpt" if recipe_resume == "last" else Path(recipe_resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe.resume_from={recipe_resume!r}: no checkpoint at {path}")
-    return str(path)
+__all__ = ["SFTModule", "prepare", "resolve_resume", "run", "run_plan", "save_run_config", "total_optimizer_steps"]
+
+REJECTS_FILE = "rejects.jsonl"
+"""Run-directory file listing every manifest row the skip policy dropped (file, line, reason)."""
+
+_MODEL_PLAN_IGNORES = {"dtype", "attn_implementation", "gradient_checkpointing"}
+
+
+def run_plan(cfg: RunConfig, sources: dict[str, list[Utterance]], **extra: Any) -> dict[str, Any]:
+    """What a checkpoint's data position and weights mean: the data (fingerprints), batching, seed, model.
+
+    Stored in every checkpoint and compared on resume (:func:`~qwen3asr_train.training.check_resume_plan`).
+    """
+    model = OmegaConf.to_container(OmegaConf.structured(cfg.model), resolve=True)
+    d = cfg.data
+    return {
+        "stage": cfg.recipe.name,
+        "seed": cfg.seed,
+        "model": {k: v for k, v in model.items() if k not in _MODEL_PLAN_IGNORES},
+        "data": {
+            name: {
+                "utterances": len(items),
+                "fingerprint": data_fingerprint([u.duration for u in items], [u.id for u in items]),
+            }
+            for name, items in sources.items()
+        },
+        "batching": {
+            "max_batch_seconds": d.max_batch_seconds,
+            "max_batch_size": d.max_batch_size,
+            "num_buckets": d.num_buckets,
+            "shuffle": d.shuffle,
+            "max_text_tokens": d.max_text_tokens,
+            "accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        },
+        **extra,
+    }
+
+
+def write_rejects(report: SkipReport, run_dir: Path) -> Path:
+    """``<run_dir>/rejects.jsonl``: every row dropped at start (rows dropped while decoding are appended)."""
+    path = report.write(run_dir / REJECTS_FILE)
+    if report.total:
+        log.warning("%d manifest rows skipped (%s); every one is listed in %s", report.total, dict(report.counts), path)
+    return path
+
+
+def export_run_config(run_dir: Path, step: int, checkpoint: str | None) -> dict[str, Any]:
+    """The run config written into an export, with the step (and checkpoint) its weights come from."""
+    config = json.loads((run_dir / "run.json").read_text())
+    config["exported_from"] = {"global_step": int(step), "checkpoint": checkpoint}
+    return config
 
 
 def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFTModule, ASRDataModule, L.Trainer, Any]:
     """Model, data and Trainer for a run (``run`` fits them; tests add callbacks here)."""
     recipe: SFTConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
+    resume = prepare_run_dir(cfg, recipe.resume_from)
     L.seed_everything(cfg.seed, workers=True)
     save_run_config(cfg, run_dir)
 
-    train, hf = load_train_utterances(cfg.data)
-    valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row) if cfg.data.valid else []
+    rejects = SkipReport()
+    train, hf = load_train_utterances(cfg.data, rejects)
+    valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row, rejects) if cfg.data.valid else []
+    plan = run_plan(cfg, {"train": train})
+    check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
-    train = drop_long_targets(train, processor, cfg.data)
+    train = drop_long_targets(train, processor, cfg.data, rejects)
+    write_rejects(rejects, run_dir)
     init_dir = run_dir / MODEL_INIT_DIR
     save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
 
@@ -201,16 +261,17 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     )
     collator = SFTCollator(processor, options, distractor_pool(train, cfg.seed))
     plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
+    train_set = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
+    train_set.rejects_path = run_dir / REJECTS_FILE
     datamodule = ASRDataModule(
         cfg.data,
-        UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column),
+        train_set,
         collator,
         cfg.trainer.accumulate_grad_batches,
         cfg.seed,
         UtteranceDataset(valid, cfg.data.on_bad_row) if valid else None,
         plain,
     )
-    resume = resolve_resume(recipe.resume_from, run_dir)
     hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
     if hook is not None:
         extra_callbacks = [*extra_callbacks, hook]
@@ -220,6 +281,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         extra_callbacks=[DataPositionTracker(), *extra_callbacks],
         validation=bool(valid),
         resume_from=resume,
+        plan=plan,
     )
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
@@ -240,9 +302,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     module, datamodule, trainer, processor = prepare(cfg)
     model = module.model
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(recipe.resume_from, run_dir))
+    fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
 
-    written: dict[str, Any] = {"run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints")}
+    written: dict[str, Any] = {"run_dir": str(run_dir), "checkpoints": str(run_dir / CHECKPOINT_DIR)}
     sharded = cfg.trainer.strategy not in {"auto", "ddp"}
     if recipe.export_on_end and sharded and trainer.is_global_zero:
         log.info(
@@ -251,11 +313,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             run_dir,
         )
     if recipe.export_on_end and not sharded and trainer.is_global_zero:
-        written["export"] = str(
-            save_native(model, processor, run_dir / "export", run_config=json.loads((run_dir / "run.json").read_text()))
-        )
+        written["export"] = str(export_final(model, processor, trainer, run_dir))
     if trainer.is_global_zero:
         log.info("run directory: %s", run_dir)
         for key, value in written.items():
             log.info("  %s: %s", key, value)
     return written
+
+
+def export_final(model: AsrModel, processor: Any, trainer: L.Trainer, run_dir: Path) -> Path:
+    """The native export of the weights training ended with (finite, and labelled with their step)."""
+    assert_finite_weights(model.named_parameters(), f"the export in {run_dir / 'export'}")
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    config = export_run_config(run_dir, trainer.global_step, str(last) if last.exists() else None)
+    out = save_native(model, processor, run_dir / "export", run_config=config)
+    log.info("exported the weights of step %d to %s", trainer.global_step, out)
+    return out
