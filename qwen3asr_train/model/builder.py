@@ -74,7 +74,7 @@ def _load_strict(directory: Path, raw: dict, aligner: bool, dtype: torch.dtype, 
     """The checkpoint as stored (ASR or aligner class by its own config), every weight accounted for."""
     cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
     if is_original_config(raw):
-        config = Qwen3ASRConfig(**original_to_native_config(raw))
+        config = Qwen3ASRConfig(**original_to_native_config(raw, str(directory / "config.json")))
         model, info = cls.from_pretrained(
             directory,
             config=config,
@@ -133,6 +133,8 @@ def load_checkpoint(
     stored_aligner = is_aligner_config(raw)
     if task == "asr" and stored_aligner:
         raise CheckpointLayoutError(f"{directory}: model.task=asr but the checkpoint is a forced aligner")
+    if is_original_config(raw):  # key checks before anything heavy; errors name config.json and the key
+        original_to_native_config(raw, str(directory / "config.json"))
     processor = load_processor(directory, raw)
     warn_on_regex_mismatch(directory, raw, processor.tokenizer, list(texts))
     model = _load_strict(directory, raw, stored_aligner, dtype, attn_implementation)

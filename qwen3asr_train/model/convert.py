@@ -133,15 +133,32 @@ def native_to_original_state_dict(state: Mapping[str, torch.Tensor], tied: bool)
     return out
 
 
-def original_to_native_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Flatten an original config into keyword arguments for ``Qwen3ASRConfig``."""
+def _need(section: Mapping[str, Any], key: str, where: str, kind: type = dict) -> Any:
+    """``section[key]``, which must exist and be of ``kind``; the error names the file and the key path."""
+    if key not in section:
+        raise CheckpointLayoutError(f"{where}: missing key {key!r}")
+    value = section[key]
+    if kind is dict and not isinstance(value, Mapping) or kind is int and not isinstance(value, int):
+        raise CheckpointLayoutError(f"{where}: key {key!r} should be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def original_to_native_config(config: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """Flatten an original config into keyword arguments for ``Qwen3ASRConfig`` (``source`` names the file
+    in errors)."""
     if not is_original_config(config):
-        raise CheckpointLayoutError("not an original-layout config (no thinker_config)")
+        raise CheckpointLayoutError(f"{source}: not an original-layout config (no thinker_config)")
     thinker = config["thinker_config"]
-    audio = {k: v for k, v in thinker["audio_config"].items() if k in _AUDIO_FIELDS}
+    audio_src = _need(thinker, "audio_config", f"{source}: thinker_config")
+    text_src = _need(thinker, "text_config", f"{source}: thinker_config")
+    for key in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "output_dim", "n_window"):
+        _need(audio_src, key, f"{source}: thinker_config.audio_config", int)
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _need(text_src, key, f"{source}: thinker_config.text_config", int)
+    _need(thinker, "audio_token_id", f"{source}: thinker_config", int)
+    audio = {k: v for k, v in audio_src.items() if k in _AUDIO_FIELDS}
     audio["model_type"] = "qwen3_asr_encoder"
     audio["max_position_embeddings"] = 13  # one 100-frame chunk -> 13 positions (original: 1500-row table)
-    text_src = thinker["text_config"]
     text = {k: v for k, v in text_src.items() if k in _TEXT_FIELDS}
     text["model_type"] = "qwen3"
     rope = dict(text_src.get("rope_scaling") or {})
@@ -157,7 +174,7 @@ def original_to_native_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "initializer_range": thinker.get("initializer_range", 0.02),
     }
     if aligner:
-        out["num_labels"] = thinker["classify_num"]
+        out["num_labels"] = _need(thinker, "classify_num", f"{source}: thinker_config", int)
         out["classifier_dropout"] = 0.0
         out["tie_word_embeddings"] = False
         text["tie_word_embeddings"] = False

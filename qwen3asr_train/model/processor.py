@@ -135,7 +135,8 @@ def load_tokenizer(directory: Path) -> Any:
     """The checkpoint's tokenizer with the audio-token attributes the processor needs.
 
     4.57-era files declare them under ``extra_special_tokens``; transformers 5.x reads both spellings. A
-    tokenizer that lacks the attributes but has the tokens gets them set; one without the tokens is refused.
+    tokenizer that lacks the attributes but has the tokens gets them set; one without the tokens is refused
+    (:func:`check_token_ids` then checks the ids against the model config).
     """
     config_path = directory / "tokenizer_config.json"
     if not config_path.is_file() and not (directory / "tokenizer.json").is_file():
@@ -155,8 +156,6 @@ def load_tokenizer(directory: Path) -> Any:
                 )
             setattr(tokenizer, attribute, token)
             log.info("%s: %s not declared; using %s from the vocabulary", config_path, attribute, token)
-        elif value not in vocab:
-            raise CheckpointLayoutError(f"{config_path}: {attribute}={value!r} is not a token of the vocabulary")
     return tokenizer
 
 
@@ -169,13 +168,39 @@ def load_processor(directory: Path, model_config: Mapping[str, Any]) -> Qwen3ASR
     audio = model_config.get("audio_config") or (model_config.get("thinker_config") or {}).get("audio_config") or {}
     if "n_window" not in audio:
         raise CheckpointLayoutError(f"{directory / 'config.json'}: audio_config has no key 'n_window'")
+    tokenizer = load_tokenizer(directory)
+    check_token_ids(directory, model_config, tokenizer)
     processor = Qwen3ASRProcessor(
         feature_extractor=build_feature_extractor(directory, int(audio["n_window"])),
-        tokenizer=load_tokenizer(directory),
+        tokenizer=tokenizer,
         chat_template=read_chat_template(directory),
         timestamp_segment_time=model_config.get("timestamp_segment_time", 80),
     )
     return processor
+
+
+def check_token_ids(directory: Path, model_config: Mapping[str, Any], tokenizer: Any) -> None:
+    """The tokenizer must fit the model: every id inside the embedding table, the audio placeholder the config's.
+
+    Why: transformers 5.x silently *appends* a declared special token that the vocabulary lacks, giving it an
+    id past the model's embeddings; a mismatched ``audio_token_id`` would scatter audio into the wrong slots.
+    """
+    thinker = model_config.get("thinker_config") or {}
+    text = model_config.get("text_config") or thinker.get("text_config") or {}
+    vocab_size = text.get("vocab_size")
+    audio_token_id = model_config.get("audio_token_id", thinker.get("audio_token_id"))
+    tok_config = directory / "tokenizer_config.json"
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise CheckpointLayoutError(
+            f"{tok_config}: the tokenizer has {len(tokenizer)} tokens but config.json's text_config.vocab_size is "
+            f"{vocab_size} (a declared special token missing from the vocabulary is appended past the embeddings)"
+        )
+    got = tokenizer.convert_tokens_to_ids(tokenizer.audio_token)
+    if audio_token_id is not None and got != audio_token_id:
+        raise CheckpointLayoutError(
+            f"{tok_config}: audio_token={tokenizer.audio_token!r} has id {got}, but config.json's audio_token_id is "
+            f"{audio_token_id}"
+        )
 
 
 def mistral_regex_applies(model_config: Mapping[str, Any], vocab_size: int) -> bool:

@@ -141,8 +141,11 @@ def write(kind: str, out: Path, seed: int, keep_aligner_save_bug: bool) -> dict:
     )
     from transformers import GenerationConfig, WhisperFeatureExtractor
 
+    import tempfile
+
     aligner = kind == "aligner"
-    tok = build_tokenizer(out.parent / f".{out.name}-bpe")
+    with tempfile.TemporaryDirectory() as scratch:
+        tok = build_tokenizer(Path(scratch))
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in TOKENS.items()}
     text_hidden = 16
     thinker = {
