@@ -242,7 +242,10 @@ def _edit_json(path: Path, edit) -> None:
         ("no_audio_config", r"config\.json: thinker_config: missing key 'audio_config'"),
         ("no_vocab_size", r"config\.json: thinker_config\.text_config: missing key 'vocab_size'"),
         ("no_classify_num", r"config\.json: thinker_config: missing key 'classify_num'"),
-        ("audio_token", r"tokenizer_config\.json: the tokenizer has \d+ tokens but config\.json's text_config\.vocab_size"),
+        (
+            "audio_token",
+            r"tokenizer_config\.json: the tokenizer has \d+ tokens but config\.json's text_config\.vocab_size",
+        ),
         ("no_chat_template_key", r"chat_template\.json: key 'chat_template' missing"),
     ],
 )
@@ -254,7 +257,9 @@ def test_upstream_directory_with_a_wrong_or_missing_key_fails_clearly(tmp_path, 
     elif damage == "feature_size":
         _edit_json(d / "preprocessor_config.json", lambda c: c.update(feature_size=80))
     elif damage == "extractor_type":
-        _edit_json(d / "preprocessor_config.json", lambda c: c.update(feature_extractor_type="SpeechT5FeatureExtractor"))
+        _edit_json(
+            d / "preprocessor_config.json", lambda c: c.update(feature_extractor_type="SpeechT5FeatureExtractor")
+        )
     elif damage == "no_audio_config":
         _edit_json(d / "config.json", lambda c: c["thinker_config"].pop("audio_config"))
     elif damage == "no_vocab_size":

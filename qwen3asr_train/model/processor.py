@@ -144,7 +144,9 @@ def load_tokenizer(directory: Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise CheckpointLayoutError(f"{config_path}: the tokenizer does not load ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointLayoutError(
+            f"{config_path}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from exc
     vocab = tokenizer.get_vocab()
     for attribute, token in AUDIO_TOKEN_ATTRIBUTES.items():
         value = getattr(tokenizer, attribute, None)

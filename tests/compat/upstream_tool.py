@@ -134,14 +134,14 @@ def build_tokenizer(workdir: Path):
 
 
 def write(kind: str, out: Path, seed: int, keep_aligner_save_bug: bool) -> dict:
+    import tempfile
+
     from qwen_asr.core.transformers_backend import (
         Qwen3ASRConfig,
         Qwen3ASRForConditionalGeneration,
         Qwen3ASRProcessor,
     )
     from transformers import GenerationConfig, WhisperFeatureExtractor
-
-    import tempfile
 
     aligner = kind == "aligner"
     with tempfile.TemporaryDirectory() as scratch:
@@ -237,9 +237,7 @@ def loading_info(model_dir: str) -> dict:
     """Missing/unexpected weights as transformers 4.57 reports them for the upstream classes."""
     from qwen_asr.core.transformers_backend import Qwen3ASRForConditionalGeneration
 
-    _, info = Qwen3ASRForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, output_loading_info=True
-    )
+    _, info = Qwen3ASRForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
     return {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
 
 
