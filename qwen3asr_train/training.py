@@ -545,6 +545,7 @@ class GuardedCheckpoint(ModelCheckpoint):
         super().__init__(enable_version_counter=False, **kwargs)
         self.fault = fault
         self._refused_step: int | None = None
+        self._flush_logs = False
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if self.fault.streak > 0:
@@ -558,6 +559,17 @@ class GuardedCheckpoint(ModelCheckpoint):
             return
         assert_finite_weights(trainer.lightning_module.named_parameters(), f"checkpoint {filepath}")
         super()._save_checkpoint(trainer, filepath)
+        self._flush_logs = True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Flush the loggers once the checkpointed step's metrics reached them (Lightning logs a step's
+        metrics after the checkpoint hooks), so a killed run leaves on disk every row a resume keeps."""
+        if self._flush_logs:
+            self._flush_logs = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if self._refused_step == trainer.global_step:
