@@ -293,3 +293,239 @@ def test_cli_gspo_signal_and_resume_is_exact(manifest_dir, tmp_path, gspo_uninte
         assert {k: v for k, v in _gspo_metrics(part).items() if k[0] >= step} == full
     else:
         assert _gspo_metrics(part) == _gspo_metrics(gspo_uninterrupted)
+
+
+# ------------------------------------------------------------------------------------- non-finite steps
+class PoisonLoss(L.Callback):
+    """Makes the loss NaN at the given optimizer steps (wraps ``forward_sums``), records batch ids and weights."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.ids: dict[int, list[str]] = {}
+        self.weights_after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        original = pl_module.forward_sums
+
+        def poisoned(batch):
+            sums = original(batch)
+            if trainer.global_step in self.steps and pl_module.training:
+                sums["ce_sum"] = sums["ce_sum"] * float("nan")
+            return sums
+
+        pl_module.forward_sums = poisoned
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids.setdefault(trainer.global_step, []).extend(batch["ids"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights_after[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_single_nonfinite_step_is_skipped_and_reported(manifest_dir, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    poison = PoisonLoss({2})
+    cfg = make_config(tiny_sft_overrides(manifest_dir, run_dir, *COMMON, "trainer.checkpoint_every_n_steps=1"))
+    module, datamodule, trainer, _ = sft.prepare(cfg, [poison])
+    fit(trainer, module, datamodule=datamodule)
+    # step 2's update was skipped: the weights after it are exactly those after step 1
+    assert_same_weights(poison.weights_after[2], poison.weights_after[3])
+    assert not all(torch.equal(poison.weights_after[3][k], poison.weights_after[4][k]) for k in poison.weights_after[3])
+    reports = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
+    assert len(reports) == 1 and "optimizer step 2" in reports[0]
+    assert all(i in reports[0] for i in poison.ids[2])
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 6  # training went on to the end
+
+
+def test_divergence_stops_naming_step_and_utterances_and_keeps_finite_checkpoints(manifest_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    poison = PoisonLoss({3, 4, 5})
+    overrides = (*COMMON, "trainer.checkpoint_every_n_steps=1", "trainer.max_nonfinite_skips=1")
+    cfg = make_config(tiny_sft_overrides(manifest_dir, run_dir, *overrides, "recipe.export_on_end=true"))
+    module, datamodule, trainer, processor = sft.prepare(cfg, [poison])
+    with pytest.raises(NonFiniteError, match="optimizer step 4") as info:
+        fit(trainer, module, datamodule=datamodule)
+    assert all(i in str(info.value) for i in poison.ids[4])
+    # no checkpoint after step 3's (the last finite update); every file is finite; none was rotated away
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=00000002.ckpt", "step=00000003.ckpt"]
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 3
+    for path in (run_dir / "checkpoints").iterdir():
+        state = _weights(path)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (run_dir / "export").exists()
+
+
+def test_huge_learning_rate_never_writes_nonfinite_weights(manifest_dir, tmp_path):
+    """The issue's reproduction (lr 1e10): the run stops non-zero, every checkpoint on disk is finite, no export."""
+    run_dir = tmp_path / "run"
+    overrides = (
+        *COMMON,
+        "trainer.max_steps=30",
+        "trainer.checkpoint_every_n_steps=1",
+        "recipe.optim.lr=1e10",
+        "recipe.optim.warmup_ratio=0",
+        "recipe.export_on_end=true",
+    )
+    with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
+        sft.run(make_config(tiny_sft_overrides(manifest_dir, run_dir, *overrides)))
+    files = list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert files
+    for path in files:
+        state = _weights(path)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+    assert not (run_dir / "export").exists()
+
+
+# --------------------------------------------------------------------------------------- safe loading
+class Payload:
+    """Pickles to a call of ``os.system`` (what a malicious checkpoint carries)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_checkpoint_with_pickle_payload_is_refused_without_running_it(manifest_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "run" / "checkpoints" / "evil.ckpt"
+    evil.parent.mkdir(parents=True)
+    torch.save({"global_step": 1, "state_dict": {}, "x": Payload(f"touch {marker}")}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint_file(evil)
+    with pytest.raises(CheckpointError, match=str(evil)):
+        export_stage.run(make_config(["recipe=export", f"recipe.checkpoint={evil}", f"run_dir={tmp_path}"]))
+    run_dir = tmp_path / "resume"
+    with pytest.raises(CheckpointError, match=str(evil)):
+        sft.prepare(make_config(tiny_sft_overrides(manifest_dir, run_dir, f"recipe.resume_from={evil}")))
+    assert not (run_dir / "model_init").exists()  # refused before the model was built
+    from qwen3asr_train.training import AtomicCheckpointIO
+
+    with pytest.raises(CheckpointError, match="refused"):
+        AtomicCheckpointIO().load_checkpoint(evil)  # what Lightning's resume goes through
+    assert not marker.exists()
+
+
+def test_our_checkpoints_load_weights_only(uninterrupted):
+    payload = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    assert payload["global_step"] == 6 and "run_plan" in payload and "torch_rng_state" in payload
+
+
+# ---------------------------------------------------------------------------- final checkpoint + export
+def test_export_of_a_run_directory_holds_the_final_step(manifest_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_config(
+        tiny_sft_overrides(manifest_dir, run_dir, "trainer.max_steps=5", "trainer.checkpoint_every_n_steps=3")
+    )
+    module, datamodule, trainer, processor = sft.prepare(cfg)
+    fit(trainer, module, datamodule=datamodule)
+    final = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 5
+    out = export_stage.run(
+        make_config(
+            [
+                "recipe=export",
+                f"recipe.checkpoint={run_dir}",
+                f"recipe.output_dir={tmp_path / 'exp'}",
+                f"run_dir={tmp_path}",
+            ]
+        )
+    )
+    from safetensors.torch import load_file
+
+    exported = load_file(str(Path(out["native"]) / "model.safetensors"))
+    for name, value in exported.items():
+        assert torch.equal(value, final[name]), name
+    info = json.loads((Path(out["native"]) / "qwen3asr_train_run.json").read_text())["exported_from"]
+    assert info["global_step"] == 5 and info["checkpoint"].endswith("last.ckpt")
+
+
+def test_export_on_end_says_its_step(trained_run_dir):
+    info = json.loads((trained_run_dir / "export" / "qwen3asr_train_run.json").read_text())["exported_from"]
+    assert info["global_step"] == 4
+
+
+@pytest.fixture(scope="module")
+def trained_run_dir(manifest_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained")
+    sft.run(make_config(tiny_sft_overrides(manifest_dir, run_dir, "trainer.checkpoint_every_n_steps=3")))
+    return run_dir
+
+
+# -------------------------------------------------------------------------------- damaged checkpoints
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_last_falls_back_to_newest_intact_with_a_warning(trained_run_dir, tmp_path, caplog, damage):
+    from qwen3asr_train.training import resolve_resume
+
+    run_dir = _copy_run(trained_run_dir, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(CheckpointError, match=str(last)) as info:
+        checkpoint_step(last)
+    assert ("empty file" in str(info.value)) == (damage == "empty") and "mmap" not in str(info.value)
+    chosen = resolve_resume("last", run_dir)
+    assert chosen == str(run_dir / "checkpoints" / "step=00000003.ckpt")
+    assert any(str(last) in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert resolve_resume("auto", run_dir) == chosen
+    # export of the run directory skips the damaged file too
+    ckpt, _ = export_stage.find_checkpoint(run_dir)
+    assert ckpt.name == "step=00000003.ckpt"
+
+
+def test_resume_last_without_checkpoint_fails_before_the_model_is_built(manifest_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        sft.prepare(make_config(tiny_sft_overrides(manifest_dir, run_dir, "recipe.resume_from=last")))
+    assert not (run_dir / "model_init").exists()
+
+
+def test_unwritable_checkpoint_directory_fails_at_start(manifest_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file where the directory should be")
+    with pytest.raises(OSError, match="checkpoints: not writable"):
+        sft.prepare(make_config(tiny_sft_overrides(manifest_dir, run_dir)))
+    assert not (run_dir / "model_init").exists()
+
+
+def test_resume_with_changed_data_plan_is_refused_unless_allowed(manifest_dir, trained_run_dir, tmp_path):
+    run_dir = _copy_run(trained_run_dir, tmp_path / "run")
+    changed = tiny_sft_overrides(manifest_dir, run_dir, "recipe.resume_from=last", "data.max_batch_seconds=4")
+    with pytest.raises(CheckpointError, match=r"batching.max_batch_seconds: 6.0 -> 4.0"):
+        sft.prepare(make_config(changed))
+    module, datamodule, trainer, _ = sft.prepare(make_config([*changed, "trainer.resume_allow_changes=true"]))
+    assert trainer is not None
+
+
+def test_stale_temporaries_are_removed_and_no_versioned_duplicates(manifest_dir, trained_run_dir, tmp_path):
+    run_dir = _copy_run(trained_run_dir, tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (ckpts / f"last.ckpt.tmp-{dead}").write_bytes(b"")
+    (run_dir / f"export.tmp-{dead}").mkdir()
+    # resume from step 3 while step=00000003.ckpt exists: it is rewritten, not duplicated as -v1
+    sft.run(
+        make_config(
+            tiny_sft_overrides(
+                manifest_dir,
+                run_dir,
+                f"recipe.resume_from='{ckpts / 'step=00000003.ckpt'}'",
+                "trainer.checkpoint_every_n_steps=3",
+                "trainer.max_steps=6",
+                "trainer.resume_allow_changes=true",
+            )
+        )
+    )
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert not [n for n in names if ".tmp-" in n or "-v" in n], names
+    assert not (run_dir / f"export.tmp-{dead}").exists()
