@@ -3,11 +3,13 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+COMPAT_VENV ?= .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install sysdeps test test-slow test-all test-gpu lint format demo clean
+.PHONY: help install sysdeps test test-slow test-all test-gpu test-compat compat-venv lint format demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,13 +34,24 @@ sysdeps: ## install espeak-ng (synthetic speech for the demo and aligner corpus)
 	fi
 
 test: install ## fast offline CPU tests (the CI command)
-	$(PY) -m pytest -q -m "not slow and not gpu and not integration"
+	$(PY) -m pytest -q -m "not slow and not gpu and not integration and not compat"
 
 test-slow: install ## longer CPU checks: learning tests, multi-process runs
 	$(PY) -m pytest -q -m "slow and not gpu"
 
-test-all: install ## every CPU test
+test-all: install ## every CPU test (compat tests skip unless QWEN3ASR_COMPAT_PYTHON is set; see test-compat)
 	$(PY) -m pytest -q -m "not gpu and not integration"
+
+$(COMPAT_STAMP): tests/compat/requirements.txt
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q -r tests/compat/requirements.txt
+	touch $(COMPAT_STAMP)
+
+compat-venv: $(COMPAT_STAMP) ## the upstream package (qwen-asr 0.0.6, transformers 4.57.6) in its own venv
+
+test-compat: install compat-venv ## both directions against upstream qwen-asr in its own venv (vLLM names too)
+	QWEN3ASR_COMPAT_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(PY) -m pytest -q -m compat tests/test_compat.py
 
 test-gpu: install ## GPU-only tests (needs CUDA)
 	$(PY) -m pytest -q -m gpu

@@ -207,7 +207,7 @@ def native_to_original_config(
 ) -> dict[str, Any]:
     """Build the nested original config (what qwen-asr 0.0.6 and vLLM read) from a native config dict.
 
-    ``token_ids`` needs ``audio_start``, ``audio_end`` and ``user``; ``num_labels`` is set for an
+    ``token_ids`` needs ``audio_start``, ``audio_end`` and ``user`` (``pad`` optional); ``num_labels`` is set for an
     aligner (the head's class count) and ``None`` for an ASR model. The aligner keeps
     ``model_type=qwen3_forced_aligner`` and ``classify_num`` in ``thinker_config`` and
     ``timestamp_token_id`` / ``timestamp_segment_time`` at the top level (upstream's own config classes
@@ -242,6 +242,10 @@ def native_to_original_config(
         "user_token_id": token_ids["user"],
         "initializer_range": native.get("initializer_range", 0.02),
     }
+    if "pad" in token_ids:
+        # qwen-asr generates with the thinker's own generation config, built from thinker_config: without a pad
+        # id, transformers 4.57 warns "Setting pad_token_id to eos_token_id" on every transcribe call.
+        thinker["pad_token_id"] = token_ids["pad"]
     out: dict[str, Any] = {
         "architectures": ["Qwen3ASRForConditionalGeneration"],
         "model_type": "qwen3_asr",

@@ -157,6 +157,7 @@ def save_original(
         "audio_start": tok.convert_tokens_to_ids(AUDIO_START),
         "audio_end": tok.convert_tokens_to_ids(AUDIO_END),
         "user": tok.encode("user", add_special_tokens=False)[0],
+        "pad": tok.convert_tokens_to_ids(ENDOFTEXT),
     }
     aligner = not hasattr(model, "generate")
     config = native_to_original_config(

@@ -93,8 +93,11 @@ def captured_warnings():
             tf_logger.removeHandler(handler)
 
 
-def build_tokenizer(workdir: Path):
-    """A byte-level BPE with Qwen's pre-tokenizer, saved as vocab.json/merges.txt and loaded as Qwen2TokenizerFast."""
+def build_tokenizer(workdir: Path, corpus: list[str] | None = None, pad_vocab_to: int = 0):
+    """A byte-level BPE with Qwen's pre-tokenizer, saved as vocab.json/merges.txt and loaded as Qwen2TokenizerFast.
+
+    ``pad_vocab_to`` appends unreachable entries to the base vocabulary (the 4.57 regex patch only looks at
+    tokenizers of more than 100k tokens)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -111,9 +114,14 @@ def build_tokenizer(workdir: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator(CORPUS, trainer)
+    bpe.train_from_iterator(corpus or CORPUS, trainer)
     workdir.mkdir(parents=True, exist_ok=True)
     bpe.model.save(str(workdir))  # vocab.json + merges.txt
+    if pad_vocab_to:
+        vocab = json.loads((workdir / "vocab.json").read_text())
+        for i in range(len(vocab), pad_vocab_to):
+            vocab[f"unused_{i}"] = i
+        (workdir / "vocab.json").write_text(json.dumps(vocab))
     tok = Qwen2TokenizerFast(
         vocab_file=str(workdir / "vocab.json"),
         merges_file=str(workdir / "merges.txt"),
@@ -222,6 +230,90 @@ def write(kind: str, out: Path, seed: int, keep_aligner_save_bug: bool) -> dict:
     return {"files": sorted(p.name for p in out.iterdir()), "ids": ids}
 
 
+def regex(out: Path, texts: list[str]) -> dict:
+    """The same >100k-token tokenizer next to a config claiming 4.57.6 and one claiming 5.23.0, tokenised the way
+    qwen-asr loads a processor (``fix_mistral_regex=True``, local directory)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    corpus = CORPUS + ["McDonald bought an iPhone at McDonald", "NASA's DNA tests"] * 5
+    ids: dict[str, list[list[int]]] = {}
+    patched: dict[str, bool] = {}
+    for version in ("4.57.6", "5.23.0"):
+        with tempfile.TemporaryDirectory() as scratch:
+            tok = build_tokenizer(Path(scratch), corpus, pad_vocab_to=100_500)
+        target = out / version
+        tok.save_pretrained(target)
+        (target / "config.json").write_text(json.dumps({"model_type": "qwen3_asr", "transformers_version": version}))
+        loaded = AutoTokenizer.from_pretrained(target, fix_mistral_regex=True)
+        patched[version] = bool(getattr(loaded, "fix_mistral_regex", False))
+        ids[version] = [loaded.encode(t, add_special_tokens=False) for t in texts]
+    return {"ids": ids, "patched": patched}
+
+
+def vllm_check(model_dir: Path) -> dict:
+    """Build what vLLM's Qwen3-ASR loader builds from ``config.json`` and load our weights into it, strictly.
+
+    vLLM's config class is the same file as qwen-asr's (``thinker_config`` with audio/text configs); its audio
+    tower mirrors transformers' ``Qwen3OmniMoeAudioEncoder`` (projector ``proj1``/``proj2`` inside), its LLM
+    ``Qwen3ForCausalLM`` (the aligner: ``Qwen3Model`` + a bias-free ``classifier``); weight names go through
+    ``thinker.lm_head. -> language_model.lm_head.`` (aligner ``classifier.``), ``thinker.model. ->
+    language_model.model.``, ``thinker. -> ''``; a tied head is skipped and the embeddings used.
+    """
+    from qwen_asr.core.transformers_backend import Qwen3ASRConfig
+    from safetensors.torch import load_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeAudioEncoderConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+    problems: list[str] = []
+    raw = json.loads((model_dir / "config.json").read_text())
+    if "thinker_config" not in raw:
+        return {"problems": ["config.json has no thinker_config"]}
+    config = Qwen3ASRConfig(**raw)
+    thinker = config.thinker_config
+    aligner = "forced_aligner" in str(raw["thinker_config"].get("model_type", ""))
+    head_prefix = "classifier." if aligner else "language_model.lm_head."
+    rules = (("thinker.lm_head.", head_prefix), ("thinker.model.", "language_model.model."), ("thinker.", ""))
+    mapped = {}
+    for name, tensor in load_file(str(model_dir / "model.safetensors")).items():
+        for old, new in rules:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        mapped[name] = tensor
+    audio = Qwen3OmniMoeAudioEncoder(Qwen3OmniMoeAudioEncoderConfig(**thinker.audio_config.to_dict()))
+    text = {k: v for k, v in thinker.text_config.to_dict().items() if k not in ("model_type", "architectures")}
+    text_config = Qwen3Config(**text)
+    groups = {"audio_tower.": audio.state_dict()}
+    if aligner:
+        groups["language_model.model."] = Qwen3Model(text_config).state_dict()
+        if mapped.get("classifier.weight") is None or tuple(mapped["classifier.weight"].shape) != (
+            int(raw["thinker_config"]["classify_num"]),
+            text_config.hidden_size,
+        ):
+            problems.append("classifier.weight missing or not [classify_num, hidden]")
+    else:
+        groups["language_model."] = Qwen3ForCausalLM(text_config).state_dict()
+        if text_config.tie_word_embeddings and not torch.equal(
+            mapped["language_model.lm_head.weight"], mapped["language_model.model.embed_tokens.weight"]
+        ):
+            problems.append("tied head differs from the embeddings (vLLM uses the embeddings)")
+    claimed = set()
+    for prefix, expected in groups.items():
+        got = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
+        claimed |= {prefix + k for k in got}
+        missing = sorted(set(expected) - set(got))
+        unexpected = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
+        problems += [f"missing {prefix}{k}" for k in missing] + [f"unexpected {prefix}{k}" for k in unexpected]
+        problems += [f"shape {prefix}{k}" for k in shapes]
+    leftover = sorted(set(mapped) - claimed - {"classifier.weight"})
+    problems += [f"unmapped {k}" for k in leftover]
+    return {"problems": problems, "aligner": aligner, "weights": len(mapped)}
+
+
 def _load(model_dir: str, kind: str):
     from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner
 
@@ -306,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("align")
     a.add_argument("--model", required=True)
     a.add_argument("--inputs", required=True)
+    r = sub.add_parser("regex")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--texts", required=True, help="JSON list of strings")
+    v = sub.add_parser("vllm-check")
+    v.add_argument("--model", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with captured_warnings() as seen:
@@ -317,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             result = loading_info(args.model)
         elif args.command == "transcribe":
             result = transcribe(args.model, args.inputs)
+        elif args.command == "regex":
+            result = regex(args.out, json.loads(args.texts))
+        elif args.command == "vllm-check":
+            result = vllm_check(args.model)
         else:
             result = align(args.model, args.inputs)
     import transformers
