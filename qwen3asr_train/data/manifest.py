@@ -152,7 +152,7 @@ class RowChecks:
     check_audio: bool = True
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
+def open_lines(path: Path) -> Iterator[bytes]:
     """Raw lines: each is decoded on its own so one bad byte costs one row, not the manifest."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
@@ -354,7 +354,7 @@ def read_manifest(
         except ManifestError as exc:
             return exc
 
-    lines = [(n, raw) for n, raw in enumerate(_open_lines(path), start=1) if raw.strip()]
+    lines = [(n, raw) for n, raw in enumerate(open_lines(path), start=1) if raw.strip()]
     if len(lines) >= PARALLEL_ROWS and checks.check_audio:
         with ThreadPoolExecutor(HEADER_CHECK_THREADS) as pool:
             results = list(pool.map(parse, lines, chunksize=16))
