@@ -16,6 +16,7 @@ The upstream side (qwen-asr 0.0.6 on transformers 4.57.6) runs in its own venv t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from qwen3asr_train.testing import write_manifest
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.compat
+log = logging.getLogger(__name__)
 
 TOOL = Path(__file__).parent / "compat" / "upstream_tool.py"
 SECONDS = (0.93, 1.37, 2.61)
@@ -117,6 +119,7 @@ def assert_same_logits(ours: dict, theirs: dict, what: str) -> float:
     mask = theirs["attention_mask"].astype(bool)
     diff = float(np.abs(ours["logits"] - theirs["logits"])[mask].max())
     assert diff <= ATOL, f"{what}: max |logit diff| {diff:.3g} > {ATOL}"
+    log.info("%s: max |logit diff| %.2g over %d positions", what, diff, int(mask.sum()))
     return diff
 
 
