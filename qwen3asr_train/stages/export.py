@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
+from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
 from qwen3asr_train.config.schema import ExportConfig, LoraConfig, RunConfig
-from qwen3asr_train.model.builder import AsrModel, apply_lora, merge_lora
-from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys
+from qwen3asr_train.model.builder import AsrModel, apply_lora, merge_lora, zero_padded_audio_frames
+from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys, read_config_json
 from qwen3asr_train.model.export import save_native, save_original
+from qwen3asr_train.model.processor import load_processor
 from qwen3asr_train.training import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -76,7 +77,7 @@ def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str
         raise CheckpointLayoutError(f"{run_dir}: no model_init/config.json (was this written by qwen3asr_train?)")
     run_cfg = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     config = Qwen3ASRConfig.from_pretrained(init_dir)
-    processor = AutoProcessor.from_pretrained(init_dir)
+    processor = load_processor(init_dir, read_config_json(init_dir))
     aligner = int(getattr(config, "num_labels", 0) or 0) > 2 and "TokenClassification" in str(config.architectures)
     cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
     model = cls(config)
@@ -92,6 +93,7 @@ def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str
     n = merge_lora(model)
     if n:
         log.info("merged %d LoRA layers into the base weights", n)
+    zero_padded_audio_frames(model)  # evaluation from a checkpoint encodes batches as the training run did
     model.eval()
     return model, processor, run_cfg
 
