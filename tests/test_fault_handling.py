@@ -529,3 +529,42 @@ def test_stale_temporaries_are_removed_and_no_versioned_duplicates(manifest_dir,
     names = sorted(p.name for p in ckpts.iterdir())
     assert not [n for n in names if ".tmp-" in n or "-v" in n], names
     assert not (run_dir / f"export.tmp-{dead}").exists()
+
+
+# ------------------------------------------------------------------------------------------- aligner
+def test_aligner_sigterm_checkpoints_and_auto_resume_is_exact(tmp_path):
+    from qwen3asr_train.data.synthetic import write_tone_corpus
+    from qwen3asr_train.stages import aligner as aligner_stage
+
+    manifest = write_tone_corpus(tmp_path / "tones", 12, seed=4)
+
+    def overrides(run_dir: Path, *extra: str) -> list[str]:
+        return [
+            "recipe=aligner",
+            "model=tiny",
+            "model.num_labels=64",
+            f"data.train={manifest}",
+            "trainer=cpu",
+            "trainer.max_steps=5",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "data.num_workers=0",
+            "data.max_batch_seconds=4",
+            "recipe.optim.lr=1e-3",
+            "recipe.slot_prob=0.5",
+            "recipe.export_on_end=false",
+            f"run_dir={run_dir}",
+            *extra,
+        ]
+
+    full = tmp_path / "full"
+    aligner_stage.run(make_config(overrides(full)))
+    part = tmp_path / "part"
+    module, datamodule, trainer, _ = aligner_stage.prepare(make_config(overrides(part)), [SignalAt(2)])
+    with pytest.raises(Preempted) as info:
+        fit(trainer, module, datamodule=datamodule)
+    assert info.value.code == 143 and checkpoint_step(part / "checkpoints" / "last.ckpt") == 3
+    aligner_stage.run(make_config(overrides(part, "recipe.resume_from=auto")))
+    assert_same_weights(_weights(full / "checkpoints" / "last.ckpt"), _weights(part / "checkpoints" / "last.ckpt"))
+    assert _losses(part) == _losses(full)
