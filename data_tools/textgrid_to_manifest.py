@@ -1,52 +1,23 @@
-"""Turn Montreal Forced Aligner output into an aligner-training manifest (JSONL, one row per utterance).
+"""Checkout shortcut for ``qwen3asr-data textgrid-to-manifest`` (installed with the package; see ``qwen3asr-data textgrid-to-manifest --help``).
 
-Usage:
-    python data_tools/textgrid_to_manifest.py --corpus-dir corpus/ --alignments-dir mfa_out/ \\
-        --language Chinese --out manifests/aligner_train.jsonl [--unk-policy drop_utterance]
-
-``corpus/`` is the MFA input (``<speaker>/<utt>.wav`` + ``<utt>.lab`` or ``.txt``), ``mfa_out/`` what
-``mfa align`` wrote (``<speaker>/<utt>.TextGrid``). Word times are re-cut into the forced aligner's word
-units (``qwen3asr_train.data.word_units``); see ``qwen3asr_train.data.textgrid`` for the rules. Prints
-the counts (written, dropped by reason, how characters inside MFA words were timed) as JSON.
+Why it stays: recipes and existing scripts call ``python data_tools/textgrid_to_manifest.py ...`` from a checkout; the
+logic lives in ``qwen3asr_train.tools`` so that ``pip install .`` users get the same command.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-from qwen3asr_train.data.textgrid import UNK_POLICIES, mfa_corpus_to_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from qwen3asr_train.tools.cli import main as _cli_main  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus-dir", required=True, help="MFA input corpus: <speaker>/<utt>.wav + .lab/.txt")
-    parser.add_argument("--alignments-dir", required=True, help="MFA output: <speaker>/<utt>.TextGrid")
-    parser.add_argument("--language", required=True, help="canonical name or ISO code, e.g. Chinese or zh")
-    parser.add_argument("--out", required=True, help="manifest to write (JSONL)")
-    parser.add_argument(
-        "--unk-policy",
-        choices=UNK_POLICIES,
-        default="drop_utterance",
-        help="words MFA could not align: drop the utterance, fail, or interpolate their times",
-    )
-    parser.add_argument("--words-tier", default="words", help="word tier name (default: words)")
-    parser.add_argument("--phones-tier", default="phones", help="phone tier name (default: phones)")
-    parser.add_argument("--log-level", default="WARNING", help="logging level; WARNING lists every dropped file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    counts = mfa_corpus_to_manifest(
-        args.corpus_dir,
-        args.alignments_dir,
-        args.language,
-        args.out,
-        words_tier=args.words_tier,
-        phones_tier=args.phones_tier,
-        unk_policy=args.unk_policy,
-    )
-    print(json.dumps(dict(sorted(counts.items())), indent=2))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``qwen3asr-data textgrid-to-manifest`` with ``argv`` (default: the command line); return the exit status."""
+    return _cli_main(["textgrid-to-manifest", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

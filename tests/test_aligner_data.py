@@ -24,10 +24,10 @@ from qwen3asr_train.data.collate import IGNORE_INDEX
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import AlignedWord, RowChecks, Utterance, read_manifest
 from qwen3asr_train.data.prompts import TIMESTAMP, aligner_input
-from qwen3asr_train.data.synthetic import write_tone_corpus
 from qwen3asr_train.data.word_units import split_words
 from qwen3asr_train.languages import LanguageTable
 from qwen3asr_train.losses import timestamp_ce
+from qwen3asr_train.tools.synthetic import write_tone_corpus
 
 NUM_CLASSES = 64  # 5.12 s addressable: enough for the tone clips (< 3 s), small enough to test the limit
 

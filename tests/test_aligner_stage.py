@@ -18,12 +18,12 @@ from qwen3asr_train.data.aligner import AlignerCollator
 from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import read_manifest
-from qwen3asr_train.data.synthetic import write_tone_corpus
 from qwen3asr_train.losses import gaussian_bin_targets, slot_ce, timestamp_ce
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.model.export import save_native, save_original
 from qwen3asr_train.stages import aligner as aligner_stage
 from qwen3asr_train.stages import evaluate as eval_stage
+from qwen3asr_train.tools.synthetic import write_tone_corpus
 from tests.conftest import make_config
 
 NUM_CLASSES = 64

@@ -29,13 +29,13 @@ from safetensors.torch import load_file
 
 from qwen3asr_train.config.schema import ModelConfig
 from qwen3asr_train.data.prompts import aligner_input, asr_prompt
-from qwen3asr_train.data.synthetic import write_tone_corpus
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.stages import aligner as aligner_stage
 from qwen3asr_train.stages import evaluate as eval_stage
 from qwen3asr_train.stages import export as export_stage
 from qwen3asr_train.stages import sft
 from qwen3asr_train.testing import write_manifest
+from qwen3asr_train.tools.synthetic import write_tone_corpus
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.compat

@@ -533,8 +533,8 @@ def test_stale_temporaries_are_removed_and_no_versioned_duplicates(manifest_dir,
 
 # ------------------------------------------------------------------------------------------- aligner
 def test_aligner_sigterm_checkpoints_and_auto_resume_is_exact(tmp_path):
-    from qwen3asr_train.data.synthetic import write_tone_corpus
     from qwen3asr_train.stages import aligner as aligner_stage
+    from qwen3asr_train.tools.synthetic import write_tone_corpus
 
     manifest = write_tone_corpus(tmp_path / "tones", 12, seed=4)
 

@@ -218,7 +218,7 @@ def test_config_rules(tmp_path):
 
 def test_gspo_batches_with_word_times(tmp_path):
     """Rollout batches carry utterances; word times in them must survive Lightning's batch transfer."""
-    from qwen3asr_train.data.synthetic import write_tone_corpus
+    from qwen3asr_train.tools.synthetic import write_tone_corpus
 
     manifest = write_tone_corpus(tmp_path / "tones", 4, seed=0)
     module, before, _ = _run(tmp_path / "run", manifest, "trainer.max_steps=2")

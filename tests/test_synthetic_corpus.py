@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from qwen3asr_train.data import synthetic
-from qwen3asr_train.data.synthetic import (
+from qwen3asr_train.tools import synthetic
+from qwen3asr_train.tools.synthetic import (
     Espeak,
     EspeakUnavailableError,
     espeak_available,

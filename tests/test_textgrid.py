@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("praatio")
 
-from qwen3asr_train.data.textgrid import TextGridError, mfa_corpus_to_manifest, textgrid_to_rows  # noqa: E402
 from qwen3asr_train.data.word_units import split_words  # noqa: E402
+from qwen3asr_train.tools.textgrid import TextGridError, mfa_corpus_to_manifest, textgrid_to_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
