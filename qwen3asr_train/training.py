@@ -813,6 +813,43 @@ def all_reduce_sums(module: L.LightningModule, sums: dict[str, float]) -> dict[s
     return dict(zip(sums, values.tolist(), strict=True))
 
 
+class SummedValidation:
+    """Validation loss as a LightningModule mixin: ``forward_sums`` summed over the whole validation set (all
+    ranks), logged as ``val/loss`` = sum of ``VAL_SUM`` / sum of ``VAL_COUNT``.
+
+    Why a mixin: SFT (token CE / target tokens) and the aligner (slot CE / slots) validate the same way; the
+    normalisation matches training's (a sum over units divided by the units), not a mean of batch means.
+    """
+
+    VAL_SUM = "ce_sum"
+    VAL_COUNT = "n_tokens"
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"sum": 0.0, "count": 0.0}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        sums = self.forward_sums(batch)  # type: ignore[attr-defined]
+        self._val["sum"] += float(sums[self.VAL_SUM])
+        self._val["count"] += float(sums[self.VAL_COUNT])
+
+    def on_validation_epoch_end(self) -> None:
+        t = all_reduce_sums(self, self._val)  # type: ignore[arg-type]
+        if t["count"] > 0:
+            self.log("val/loss", t["sum"] / t["count"], rank_zero_only=True)  # type: ignore[attr-defined]
+
+
+def throughput_metrics(t: Mapping[str, float], elapsed: float, trainer: L.Trainer) -> dict[str, float]:
+    """The metrics every stage logs per window from its :class:`StepNormaliser` totals (``real``/``seq``:
+    real and padded positions, ``audio``: audio seconds, ``skipped``: unreadable clips)."""
+    return {
+        "train/tokens_per_s": t["real"] / elapsed,
+        "train/audio_s_per_s": t["audio"] / elapsed,
+        "train/padding_fraction": 1.0 - t["real"] / max(t["seq"], 1.0),
+        "train/skipped_audio": t["skipped"],
+        "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+    }
+
+
 class StepNormaliser:
     """Loss scale and statistics for one optimizer step made of a window of micro-batches.
 

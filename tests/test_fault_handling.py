@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 
+from qwen3asr_train.checkpoints import find_checkpoint
 from qwen3asr_train.stages import export as export_stage
 from qwen3asr_train.stages import sft
 from qwen3asr_train.training import (
@@ -478,7 +479,7 @@ def test_damaged_last_falls_back_to_newest_intact_with_a_warning(trained_run_dir
     assert any(str(last) in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
     assert resolve_resume("auto", run_dir) == chosen
     # export of the run directory skips the damaged file too
-    ckpt, _ = export_stage.find_checkpoint(run_dir)
+    ckpt, _ = find_checkpoint(run_dir)
     assert ckpt.name == "step=00000003.ckpt"
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from qwen3asr_train.config.schema import ModelConfig
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import Utterance
+from qwen3asr_train.data.mix import MixtureRollouts
 from qwen3asr_train.data.prompts import asr_prompt
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.stages import export as export_stage
@@ -135,11 +136,11 @@ def test_gspo_mixture_follows_weights():
         (UtteranceDataset(utts("b", 7)), 35.0),
         (UtteranceDataset(utts("c", 3)), 30.0),
     ]
-    mix = gspo.MixtureRollouts(sources, batch_size=8, steps_per_rollout=4, seed=0, rank=0)
+    mix = MixtureRollouts(sources, batch_size=8, steps_per_rollout=4, seed=0, rank=0)
     counts = Counter(src for r in range(1500) for src, _ in mix.draw(r))
     total = sum(counts.values())
     for src, expected in ((0, 0.35), (1, 0.35), (2, 0.30)):
         assert counts[src] / total == pytest.approx(expected, abs=0.015)
-    other_rank = gspo.MixtureRollouts(sources, batch_size=8, steps_per_rollout=4, seed=0, rank=1)
+    other_rank = MixtureRollouts(sources, batch_size=8, steps_per_rollout=4, seed=0, rank=1)
     assert mix.draw(0) != other_rank.draw(0)  # ranks roll out different utterances
-    assert mix.draw(5) == gspo.MixtureRollouts(sources, 8, 4, 0, 0).draw(5)  # deterministic per rollout
+    assert mix.draw(5) == MixtureRollouts(sources, 8, 4, 0, 0).draw(5)  # deterministic per rollout

@@ -370,13 +370,9 @@ class OptimConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning on ``language X<asr_text>text<|im_end|>`` targets."""
+class SFTAugmentation:
+    """Per-row SFT augmentations (read by ``data/collate.py``'s ``SFTOptions``, which adds only the seed)."""
 
-    name: str = "sft"
-    """Recipe name (selects the stage)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and schedule."""
     forced_language_prob: float = 0.0
     """Probability that a row's ``language X<asr_text>`` moves into the prompt (not trained), as in forced-language inference."""
     context_prob: float = 0.0
@@ -389,6 +385,16 @@ class SFTConfig:
     """Most distractor words taken from other transcripts."""
     no_speech_prob: float = 0.0
     """Probability that a row becomes a no-speech row (silence or noise of the same length; target ``language None<asr_text>``)."""
+
+
+@dataclass
+class SFTConfig(SFTAugmentation):
+    """Supervised fine-tuning on ``language X<asr_text>text<|im_end|>`` targets."""
+
+    name: str = "sft"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
     ctc_weight: float = 0.0
     """Auxiliary CTC loss weight on the projector output (helps models trained from scratch; 0 = off)."""
     resume_from: str | None = None
@@ -515,28 +521,52 @@ class MixSourceConfig:
         _require(self.weight > 0, "recipe.mix.<name>.weight", "must be positive")
 
 
+DEFAULT_REWARD_WEIGHTS: dict[str, float] = {
+    "accuracy": 1.0,
+    "language_id": 0.25,
+    "no_speech": 1.0,
+    "repetition": 1.0,
+    "truncation": 1.0,
+    "format": 0.5,
+    "keyword_recall": 0.25,
+}
+"""GSPO reward weights (names in ``rl/rewards.py``'s registry); the only declaration, ``CompositeReward`` reads it."""
+
+
 def _default_reward_weights() -> dict[str, float]:
-    return {
-        "accuracy": 1.0,
-        "language_id": 0.25,
-        "no_speech": 1.0,
-        "repetition": 1.0,
-        "truncation": 1.0,
-        "format": 0.5,
-        "keyword_recall": 0.25,
-    }
+    return dict(DEFAULT_REWARD_WEIGHTS)
 
 
 @dataclass
-class GSPOConfig:
-    """GSPO reinforcement learning with WER/CER rewards (../shared/reference/gspo_for_asr.md)."""
+class GSPOSampling:
+    """How GSPO rollouts are sampled (read by ``rl/rollout.py``'s ``SamplingOptions``, which adds only the seed)."""
+
+    group_size: int = 8
+    """G: sampled transcripts per utterance."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs use logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    tokens_per_second: float = 8.0
+    """``max_new_tokens`` per second of the longest clip in a rollout batch."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound."""
+    forced_language_prob: float = 0.0
+    """Probability that a rollout prompt forces the reference language."""
+    context_prob: float = 0.0
+    """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
+
+
+@dataclass
+class GSPOConfig(GSPOSampling):
+    """GSPO reinforcement learning with WER/CER rewards (equations and defaults: docs/stages.md)."""
 
     name: str = "gspo"
     """Recipe name (selects the stage)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.05, schedule="constant"))
     """Optimizer and schedule (lr 1e-6 constant after 5% warm-up, as in TRL/verl GSPO examples)."""
-    group_size: int = 8
-    """G: sampled transcripts per utterance."""
     rollout_batch_size: int = 8
     """Utterances per rollout batch on each rank (× G completions)."""
     steps_per_generation: int = 4
@@ -557,25 +587,11 @@ class GSPOConfig:
     """Skip groups whose rewards are all equal (their advantages are exactly 0 anyway)."""
     kl_beta: float = 0.0
     """KL-to-reference weight (k3 estimator); 0 = no reference model is loaded."""
-    temperature: float = 1.0
-    """Sampling temperature (log-probs use logits / temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    tokens_per_second: float = 8.0
-    """``max_new_tokens`` per second of the longest clip in a rollout batch."""
-    min_new_tokens: int = 16
-    """Budget added to the duration bound."""
     rewards: dict[str, float] = field(default_factory=_default_reward_weights)
     """Reward name (or dotted import path of a custom reward) -> weight."""
     mix: dict[str, Any] = field(default_factory=dict)
     """Named data sources ``{name: {manifests, weight}}`` (checked as :class:`MixSourceConfig`; empty: ``data.train``);
     e.g. ``+recipe.mix.speech.manifests=a.jsonl +recipe.mix.speech.weight=70``."""
-    forced_language_prob: float = 0.0
-    """Probability that a rollout prompt forces the reference language."""
-    context_prob: float = 0.0
-    """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
     export_on_end: bool = True

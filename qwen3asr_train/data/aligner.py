@@ -42,11 +42,11 @@ from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
 from qwen3asr_train.data.collate import IGNORE_INDEX, pad_rows, row_rng
-from qwen3asr_train.data.dataset import Sample
-from qwen3asr_train.data.manifest import AlignedWord, Utterance
+from qwen3asr_train.data.dataset import Sample, UtteranceDataset
+from qwen3asr_train.data.manifest import AlignedWord, ManifestError, SkipReport, Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
 from qwen3asr_train.data.word_units import split_words
-from qwen3asr_train.languages import CER_LANGUAGES
+from qwen3asr_train.languages import CER_LANGUAGES, FORCED_ALIGNER_LANGUAGES
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +353,79 @@ class AlignerCollator:
             "languages": [s.utt.language for s in samples],
             "audio_seconds": float(sum(s.audio.size for s in samples) / SAMPLE_RATE),
         }
+
+
+class LongFormDataset(UtteranceDataset):
+    """The utterances themselves, followed by groups of consecutive same-language utterances concatenated.
+
+    A group item is decoded by loading its pieces and joining them with
+    :func:`~qwen3asr_train.data.aligner.concat_utterances`; its duration (for batching) is known up front.
+    """
+
+    def __init__(self, base: UtteranceDataset, max_seconds: float, gap_seconds: float, num_classes: int) -> None:
+        super().__init__(base.utterances, base.on_bad_audio, base.hf_dataset, base.hf_audio_column)
+        self.base = base
+        self.max_seconds = max_seconds
+        self.gap_seconds = gap_seconds
+        self.num_classes = num_classes
+        self.groups: list[list[int]] = []
+        current: list[int] = []
+        seconds = 0.0
+        for i, utt in enumerate(base.utterances):
+            fits = current and utt.language == base.utterances[current[-1]].language
+            if fits and seconds + gap_seconds + utt.duration <= max_seconds:
+                current.append(i)
+                seconds += gap_seconds + utt.duration
+                continue
+            if len(current) > 1:
+                self.groups.append(current)
+            current, seconds = [i], utt.duration
+        if len(current) > 1:
+            self.groups.append(current)
+        log.info("long-form training: %d concatenated items of up to %.0f s", len(self.groups), max_seconds)
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.groups)
+
+    def durations(self) -> list[float]:
+        joined = [
+            sum(self.base.utterances[j].duration for j in g) + self.gap_seconds * (len(g) - 1) for g in self.groups
+        ]
+        return self.base.durations() + joined
+
+    def load(self, index: int) -> Sample | None:
+        if index < len(self.base):
+            return self.base.load(index)
+        pieces = [self.base.load(j) for j in self.groups[index - len(self.base)]]
+        if any(p is None for p in pieces):
+            return None
+        merged = concat_utterances(pieces, self.max_seconds + 1e-6, self.gap_seconds, num_classes=self.num_classes)
+        if len(merged) != 1:
+            raise RuntimeError(f"long-form group {index} did not concatenate into one item")
+        return Sample(merged[0].utt, merged[0].audio, index)
+
+
+def usable_for_alignment(
+    items: Sequence[Utterance], policy: str, what: str, rejects: SkipReport | None = None
+) -> list[Utterance]:
+    """Utterances with word times matching the aligner's word units; others raise or are skipped (counted,
+    and added to ``rejects`` tagged with ``what``)."""
+    kept, report = [], SkipReport()
+    for utt in items:
+        try:
+            if utt.language is None:
+                raise ManifestError(f"{utt.source}: no-speech rows have no words to align", "no_speech")
+            check_word_units(utt)
+        except (ManifestError, ValueError) as exc:
+            if policy == "error":
+                raise ManifestError(str(exc), getattr(exc, "reason", "unit_mismatch")) from None
+            report.add(getattr(exc, "reason", "unit_mismatch"), str(exc), utt.source)
+            continue
+        kept.append(utt)
+    report.log(what)
+    if rejects is not None:
+        rejects.extend(report, what)
+    outside = sorted({u.language for u in kept} - set(FORCED_ALIGNER_LANGUAGES) - {None})
+    if outside:
+        log.warning("languages outside the released aligner's 11: %s (training a new language)", outside)
+    return kept

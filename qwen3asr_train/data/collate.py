@@ -23,12 +23,13 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.config.schema import SFTAugmentation
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import AUDIO_PAD, asr_prompt, asr_target
@@ -38,18 +39,18 @@ from qwen3asr_train.languages import CER_LANGUAGES
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class SFTOptions:
-    """Per-row augmentation probabilities (see ``SFTConfig``) and padding side."""
+@dataclass
+class SFTOptions(SFTAugmentation):
+    """The recipe's augmentation probabilities (declared once, in ``SFTAugmentation``), the seed their draws
+    derive from, and the padding side."""
 
-    forced_language_prob: float = 0.0
-    context_prob: float = 0.0
-    manifest_context_prob: float = 1.0
-    hotwords_max: int = 3
-    distractors_max: int = 5
-    no_speech_prob: float = 0.0
     padding_side: str = "right"
     seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: SFTAugmentation, seed: int) -> SFTOptions:
+        """The options of a recipe config (every ``SFTAugmentation`` field copied)."""
+        return cls(**{f.name: getattr(recipe, f.name) for f in fields(SFTAugmentation)}, seed=seed)
 
 
 @dataclass(frozen=True)

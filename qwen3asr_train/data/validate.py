@@ -54,7 +54,7 @@ def validate_manifests(
             report.add(exc.reason, str(exc), str(manifest))
             items = []
         if aligner and items:
-            from qwen3asr_train.stages.aligner import usable_for_alignment
+            from qwen3asr_train.data.aligner import usable_for_alignment
 
             items = usable_for_alignment(items, "skip", str(manifest), report)
         if decode:

@@ -43,6 +43,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from qwen3asr_train.config.schema import DEFAULT_REWARD_WEIGHTS
 from qwen3asr_train.eval import metrics
 from qwen3asr_train.eval.metrics import ParsedOutput, RepetitionReport, Unit, UtteranceScore
 from qwen3asr_train.eval.normalize import NormalizerOptions, check_language
@@ -291,15 +292,6 @@ def keyword_recall(x: RewardInput) -> float:
 
 # ------------------------------------------------------------------------------------------- composite
 
-DEFAULT_REWARD_WEIGHTS: dict[str, float] = {
-    "accuracy": 1.0,
-    "language_id": 0.25,
-    "no_speech": 1.0,
-    "repetition": 1.0,
-    "truncation": 1.0,
-    "format": 0.5,
-    "keyword_recall": 0.25,
-}
 """Default weights, in units of one perfect transcript (accuracy 1.0):
 
 * ``no_speech`` 1.0: on silence, correct vs hallucinated is 2.25 vs -1, as decisive as a transcript.

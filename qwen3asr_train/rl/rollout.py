@@ -22,31 +22,29 @@ import random
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.config.schema import GSPOSampling
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.collate import candidate_words
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How completions are sampled."""
+@dataclass
+class SamplingOptions(GSPOSampling):
+    """How completions are sampled: the recipe's sampling fields (declared once, in ``GSPOSampling``) + the seed."""
 
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    tokens_per_second: float = 8.0
-    min_new_tokens: int = 16
-    forced_language_prob: float = 0.0
-    context_prob: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: GSPOSampling, seed: int) -> SamplingOptions:
+        """The options of a recipe config (every ``GSPOSampling`` field copied)."""
+        return cls(**{f.name: getattr(recipe, f.name) for f in fields(GSPOSampling)}, seed=seed)
 
 
 @dataclass

@@ -26,94 +26,44 @@ from qwen3asr_train.config.schema import AlignerConfig, EvalHookConfig, RunConfi
 from qwen3asr_train.data.aligner import (
     SEGMENT_MS,
     AlignerCollator,
-    check_word_units,
-    concat_utterances,
+    LongFormDataset,
     max_addressable_seconds,
+    usable_for_alignment,
 )
 from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, load_train_utterances, row_checks
-from qwen3asr_train.data.dataset import Sample, UtteranceDataset
-from qwen3asr_train.data.manifest import ManifestError, SkipReport, Utterance, read_manifests
+from qwen3asr_train.data.dataset import UtteranceDataset
+from qwen3asr_train.data.manifest import ManifestError, SkipReport, read_manifests
 from qwen3asr_train.data.prompts import AUDIO_END, AUDIO_PAD, AUDIO_START, TIMESTAMP
 from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
-from qwen3asr_train.languages import FORCED_ALIGNER_LANGUAGES
 from qwen3asr_train.losses import audio_ctc, slot_ce
-from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_model_init
-from qwen3asr_train.stages.sft import (
-    MODEL_INIT_DIR,
+from qwen3asr_train.model.builder import AsrModel
+from qwen3asr_train.spine import (
     REJECTS_FILE,
-    export_final,
+    build_run_model,
+    finish_run,
     run_plan,
-    save_run_config,
+    start_run,
     total_optimizer_steps,
     write_rejects,
 )
 from qwen3asr_train.training import (
     StepNormaliser,
-    all_reduce_sums,
+    SummedValidation,
     build_optimizer,
     build_trainer,
     check_resume_plan,
     fit,
-    prepare_run_dir,
+    throughput_metrics,
 )
 
 log = logging.getLogger(__name__)
 
 
-class LongFormDataset(UtteranceDataset):
-    """The utterances themselves, followed by groups of consecutive same-language utterances concatenated.
-
-    A group item is decoded by loading its pieces and joining them with
-    :func:`~qwen3asr_train.data.aligner.concat_utterances`; its duration (for batching) is known up front.
-    """
-
-    def __init__(self, base: UtteranceDataset, max_seconds: float, gap_seconds: float, num_classes: int) -> None:
-        super().__init__(base.utterances, base.on_bad_audio, base.hf_dataset, base.hf_audio_column)
-        self.base = base
-        self.max_seconds = max_seconds
-        self.gap_seconds = gap_seconds
-        self.num_classes = num_classes
-        self.groups: list[list[int]] = []
-        current: list[int] = []
-        seconds = 0.0
-        for i, utt in enumerate(base.utterances):
-            fits = current and utt.language == base.utterances[current[-1]].language
-            if fits and seconds + gap_seconds + utt.duration <= max_seconds:
-                current.append(i)
-                seconds += gap_seconds + utt.duration
-                continue
-            if len(current) > 1:
-                self.groups.append(current)
-            current, seconds = [i], utt.duration
-        if len(current) > 1:
-            self.groups.append(current)
-        log.info("long-form training: %d concatenated items of up to %.0f s", len(self.groups), max_seconds)
-
-    def __len__(self) -> int:
-        return len(self.base) + len(self.groups)
-
-    def durations(self) -> list[float]:
-        joined = [
-            sum(self.base.utterances[j].duration for j in g) + self.gap_seconds * (len(g) - 1) for g in self.groups
-        ]
-        return self.base.durations() + joined
-
-    def load(self, index: int) -> Sample | None:
-        if index < len(self.base):
-            return self.base.load(index)
-        pieces = [self.base.load(j) for j in self.groups[index - len(self.base)]]
-        if any(p is None for p in pieces):
-            return None
-        merged = concat_utterances(pieces, self.max_seconds + 1e-6, self.gap_seconds, num_classes=self.num_classes)
-        if len(merged) != 1:
-            raise RuntimeError(f"long-form group {index} did not concatenate into one item")
-        return Sample(merged[0].utt, merged[0].audio, index)
-
-
-class AlignerModule(L.LightningModule):
+class AlignerModule(SummedValidation, L.LightningModule):
     """Non-shifted slot cross-entropy, normalised per optimizer step (module docstring)."""
+
+    VAL_COUNT = "n_slots"
 
     def __init__(
         self, model: AsrModel, recipe: AlignerConfig, total_steps: int, special_ids: Sequence[int] = ()
@@ -128,7 +78,6 @@ class AlignerModule(L.LightningModule):
         if recipe.ctc_weight > 0 and not self.special_ids:
             raise ValueError("recipe.ctc_weight > 0 needs the special token ids (blank first)")
         self.norm = StepNormaliser()
-        self._val: dict[str, float] = {}
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.score(self.model.dropout(hidden))
@@ -193,11 +142,7 @@ class AlignerModule(L.LightningModule):
                     "train/slot_accuracy": t["exact"] / n,
                     "train/slot_error_ms": t["abs_bins"] / n * SEGMENT_MS,
                     "train/slots": t["slots"],
-                    "train/tokens_per_s": t["real"] / elapsed,
-                    "train/audio_s_per_s": t["audio"] / elapsed,
-                    "train/padding_fraction": 1.0 - t["real"] / max(t["seq"], 1.0),
-                    "train/skipped_audio": t["skipped"],
-                    "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                    **throughput_metrics(t, elapsed, self.trainer),
                     **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
                 },
                 on_step=True,
@@ -208,47 +153,8 @@ class AlignerModule(L.LightningModule):
             loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val = {"ce": 0.0, "slots": 0.0}
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        sums = self.forward_sums(batch)
-        self._val["ce"] += float(sums["ce_sum"])
-        self._val["slots"] += float(sums["n_slots"])
-
-    def on_validation_epoch_end(self) -> None:
-        t = all_reduce_sums(self, self._val)
-        if t["slots"] > 0:
-            self.log("val/loss", t["ce"] / t["slots"], rank_zero_only=True)
-
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self, self.recipe.optim, self.total_steps)
-
-
-def usable_for_alignment(
-    items: Sequence[Utterance], policy: str, what: str, rejects: SkipReport | None = None
-) -> list[Utterance]:
-    """Utterances with word times matching the aligner's word units; others raise or are skipped (counted,
-    and added to ``rejects`` tagged with ``what``)."""
-    kept, report = [], SkipReport()
-    for utt in items:
-        try:
-            if utt.language is None:
-                raise ManifestError(f"{utt.source}: no-speech rows have no words to align", "no_speech")
-            check_word_units(utt)
-        except (ManifestError, ValueError) as exc:
-            if policy == "error":
-                raise ManifestError(str(exc), getattr(exc, "reason", "unit_mismatch")) from None
-            report.add(getattr(exc, "reason", "unit_mismatch"), str(exc), utt.source)
-            continue
-        kept.append(utt)
-    report.log(what)
-    if rejects is not None:
-        rejects.extend(report, what)
-    outside = sorted({u.language for u in kept} - set(FORCED_ALIGNER_LANGUAGES) - {None})
-    if outside:
-        log.warning("languages outside the released aligner's 11: %s (training a new language)", outside)
-    return kept
 
 
 def build_aligner_hook(
@@ -271,9 +177,7 @@ def prepare(
     """Model, data and Trainer for an aligner run."""
     recipe: AlignerConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
-    resume = prepare_run_dir(cfg, recipe.resume_from)
-    L.seed_everything(cfg.seed, workers=True)
-    save_run_config(cfg, run_dir)
+    resume = start_run(cfg, recipe.resume_from)
     rejects = SkipReport()
     train, hf = load_train_utterances(cfg.data, rejects)
     train = usable_for_alignment(train, recipe.on_unit_mismatch, "train", rejects)
@@ -287,7 +191,7 @@ def prepare(
         aligner={"concat_max_seconds": recipe.concat_max_seconds, "concat_gap_seconds": recipe.concat_gap_seconds},
     )
     check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
-    model, processor = build_model(cfg.model, texts=[u.text for u in train], seed=cfg.seed)
+    model, processor = build_run_model(cfg, [u.text for u in train])
     num_classes = int(model.config.num_labels)
     limit = max_addressable_seconds(num_classes)
     too_long = [u for u in train if u.duration > limit]
@@ -297,9 +201,6 @@ def prepare(
             f"{num_classes} time bins of 80 ms address ({len(too_long)} such utterances)",
             "too_long",
         )
-    init_dir = run_dir / MODEL_INIT_DIR
-    save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
-
     dataset = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
     dataset.rejects_path = run_dir / REJECTS_FILE
     if recipe.concat_max_seconds > 0:
@@ -336,11 +237,6 @@ def prepare(
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train the aligner and export it (see the module docstring)."""
-    recipe: AlignerConfig = cfg.recipe
-    run_dir = Path(cfg.run_dir)
     module, datamodule, trainer, processor = prepare(cfg)
     fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
-    written: dict[str, Any] = {"run_dir": str(run_dir)}
-    if recipe.export_on_end and cfg.trainer.strategy in {"auto", "ddp"} and trainer.is_global_zero:
-        written["export"] = str(export_final(module.model, processor, trainer, run_dir))
-    return written
+    return finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)

@@ -43,7 +43,7 @@ def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tup
         )
         model, processor = build_model(cfg)
     else:
-        from qwen3asr_train.stages.export import find_checkpoint, rebuild_from_run
+        from qwen3asr_train.checkpoints import find_checkpoint, rebuild_from_run
 
         model, processor, _ = rebuild_from_run(*find_checkpoint(path))
     model.eval()
@@ -61,8 +61,8 @@ def _evaluate_aligner(
     rejects: SkipReport,
 ) -> dict[str, Any]:
     """AAS per set and language (+ the energy baseline), alignments as JSON/TextGrid, a few plots."""
+    from qwen3asr_train.data.aligner import usable_for_alignment
     from qwen3asr_train.eval.align_eval import AlignmentEvaluator
-    from qwen3asr_train.stages.aligner import usable_for_alignment
 
     for name, samples in sets.items():
         keep = {u.id for u in usable_for_alignment([s.utt for s in samples], policy, f"eval:{name}", rejects)}

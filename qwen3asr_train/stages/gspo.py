@@ -22,23 +22,20 @@ from __future__ import annotations
 import logging
 import random
 import zlib
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
 
 from qwen3asr_train.config.schema import GSPOConfig, RunConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
-from qwen3asr_train.data.datamodule import load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
-from qwen3asr_train.data.manifest import SkipReport, Utterance, read_manifests
+from qwen3asr_train.data.manifest import SkipReport
+from qwen3asr_train.data.mix import MixtureRollouts, RolloutLoader, read_mix_sources
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.model.builder import AsrModel, build_model
-from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.rl import gspo as gspo_math
 from qwen3asr_train.rl.rewards import CompositeReward, RewardInput
 from qwen3asr_train.rl.rollout import (
@@ -50,124 +47,10 @@ from qwen3asr_train.rl.rollout import (
     completion_logprobs,
     sampling_rng,
 )
-from qwen3asr_train.stages.sft import (
-    MODEL_INIT_DIR,
-    REJECTS_FILE,
-    export_run_config,
-    run_plan,
-    save_run_config,
-    write_rejects,
-)
-from qwen3asr_train.training import (
-    assert_finite_weights,
-    build_optimizer,
-    build_trainer,
-    check_resume_plan,
-    fit,
-    prepare_run_dir,
-)
+from qwen3asr_train.spine import REJECTS_FILE, build_run_model, finish_run, run_plan, start_run, write_rejects
+from qwen3asr_train.training import build_optimizer, build_trainer, check_resume_plan, fit
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------ data
-class TickSampler(Sampler[int]):
-    """Optimizer-step ticks 0, 1, 2, ... (endless); Lightning's ``max_steps`` ends the run.
-
-    Resuming sets the first tick to the start of the next rollout batch after the checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self.start = 0
-        self.consumed = 0
-
-    def __iter__(self) -> Iterator[int]:
-        tick = self.start
-        while True:
-            yield tick
-            tick += 1
-
-    def state_dict(self) -> dict[str, int]:
-        return {"next_tick": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.start = int(state["next_tick"])
-
-
-class MixtureRollouts:
-    """Map-style: tick -> ``{"tick", "rollout", "minibatch", "samples"}``; samples only on a rollout's first tick.
-
-    Utterances are drawn per (seed, rank, rollout) — a source by weight, then an utterance uniformly — so
-    every rank sees different utterances and a resumed run draws exactly what the uninterrupted run would.
-    """
-
-    def __init__(
-        self,
-        sources: Sequence[tuple[UtteranceDataset, float]],
-        batch_size: int,
-        steps_per_rollout: int,
-        seed: int,
-        rank: int,
-    ) -> None:
-        self.sources = list(sources)
-        total = sum(w for _, w in self.sources)
-        self.weights = [w / total for _, w in self.sources]
-        self.batch_size = batch_size
-        self.steps_per_rollout = steps_per_rollout
-        self.seed = seed
-        self.rank = rank
-
-    def draw(self, rollout: int) -> list[tuple[int, int]]:
-        """(source, utterance) pairs of a rollout batch."""
-        rng = random.Random(zlib.crc32(f"gspo/{self.seed}/{self.rank}/{rollout}".encode()))
-        picks = []
-        for _ in range(self.batch_size):
-            src = rng.choices(range(len(self.sources)), weights=self.weights)[0]
-            picks.append((src, rng.randrange(len(self.sources[src][0]))))
-        return picks
-
-    def __getitem__(self, tick: int) -> dict[str, Any]:
-        rollout, minibatch = divmod(tick, self.steps_per_rollout)
-        item: dict[str, Any] = {"tick": tick, "rollout": rollout, "minibatch": minibatch, "samples": None}
-        if minibatch == 0:
-            samples: list[Sample] = []
-            for src, idx in self.draw(rollout):
-                sample = self.sources[src][0].load(idx)
-                if sample is not None:
-                    # a unique index per (source, utterance) for the per-row RNGs
-                    samples.append(Sample(sample.utt, sample.audio, src * 10_000_000 + idx))
-            if not samples:
-                raise RuntimeError(f"rollout {rollout}: every drawn utterance was unreadable")
-            item["samples"] = samples
-        return item
-
-
-class RolloutLoader:
-    """DataLoader over ticks; stateful so Lightning restores the position on resume."""
-
-    def __init__(self, dataset: MixtureRollouts, num_workers: int) -> None:
-        self.sampler = TickSampler()
-        self.batch_sampler = None
-        # own generator: creating the iterator draws a worker base seed, which must not come from the global
-        # RNG (restored on resume just before the iterator is created, it would be shifted by that draw)
-        generator = torch.Generator().manual_seed(dataset.seed)
-        self.loader = DataLoader(
-            dataset,
-            sampler=self.sampler,
-            batch_size=None,
-            collate_fn=lambda x: x,
-            num_workers=num_workers,
-            generator=generator,
-        )
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.loader)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -391,32 +274,13 @@ class GSPOModule(L.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------- build
-def _sources(cfg: RunConfig, rejects: SkipReport | None = None) -> list[tuple[list[Utterance], float, str]]:
-    recipe: GSPOConfig = cfg.recipe
-    rejects = rejects if rejects is not None else SkipReport()
-    if recipe.mix:
-        checks = row_checks(cfg.data)
-        out = []
-        for name, src in recipe.mix.items():
-            local = SkipReport()
-            out.append((read_manifests(src.manifests, checks, cfg.data.on_bad_row, local), src.weight, name))
-            rejects.extend(local, f"mix:{name}")
-        return out
-    items, hf = load_train_utterances(cfg.data, rejects)
-    if hf is not None:
-        raise NotImplementedError("recipe=gspo reads manifests (data.train or recipe.mix); HF datasets are SFT-only")
-    return [(items, 1.0, "train")]
-
-
 def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSPOModule, RolloutLoader, L.Trainer, Any]:
     """Model, rollout data and Trainer for a GSPO run."""
     recipe: GSPOConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
-    resume = prepare_run_dir(cfg, recipe.resume_from)
-    L.seed_everything(cfg.seed, workers=True)
-    save_run_config(cfg, run_dir)
+    resume = start_run(cfg, recipe.resume_from)
     rejects = SkipReport()
-    sources = _sources(cfg, rejects)
+    sources = read_mix_sources(cfg, rejects)
     write_rejects(rejects, run_dir)
     plan = run_plan(
         cfg,
@@ -431,9 +295,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     )
     check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     texts = [u.text for utts, _, _ in sources for u in utts]
-    model, processor = build_model(cfg.model, texts=texts, seed=cfg.seed)
-    init_dir = run_dir / MODEL_INIT_DIR
-    save_model_init(model, processor, init_dir, from_scratch=cfg.model.source == "tiny")
+    model, processor = build_run_model(cfg, texts)
     ref_model = None
     if recipe.kl_beta > 0:
         ref_model, _ = build_model(cfg.model, texts=texts, seed=cfg.seed)
@@ -464,17 +326,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         datasets, recipe.rollout_batch_size, recipe.steps_per_rollout(), cfg.seed, trainer.global_rank
     )
     loader = RolloutLoader(dataset, cfg.data.num_workers)
-    sampling = SamplingOptions(
-        group_size=recipe.group_size,
-        temperature=recipe.temperature,
-        top_p=recipe.top_p,
-        top_k=recipe.top_k,
-        tokens_per_second=recipe.tokens_per_second,
-        min_new_tokens=recipe.min_new_tokens,
-        forced_language_prob=recipe.forced_language_prob,
-        context_prob=recipe.context_prob,
-        seed=cfg.seed,
-    )
+    sampling = SamplingOptions.from_recipe(recipe, cfg.seed)
     module = GSPOModule(
         model,
         processor,
@@ -493,16 +345,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Train with GSPO and export (see the module docstring)."""
     if cfg.trainer.max_steps <= 0:
         raise ValueError("trainer.max_steps: GSPO runs are sized in optimizer steps; set trainer.max_steps > 0")
-    recipe: GSPOConfig = cfg.recipe
-    run_dir = Path(cfg.run_dir)
     module, loader, trainer, processor = prepare(cfg)
     fit(trainer, module, train_dataloaders=loader)  # Preempted (exit 143) / NonFiniteError propagate: no export
-    written: dict[str, Any] = {"run_dir": str(run_dir)}
-    if recipe.export_on_end and cfg.trainer.strategy in {"auto", "ddp"} and trainer.is_global_zero:
-        assert_finite_weights(module.model.named_parameters(), f"the export in {run_dir / 'export'}")
-        last = run_dir / "checkpoints" / "last.ckpt"
-        run_config = export_run_config(run_dir, trainer.global_step, str(last) if last.exists() else None)
-        written["export"] = str(save_native(module.model, processor, run_dir / "export", run_config=run_config))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return written
+    return finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)
