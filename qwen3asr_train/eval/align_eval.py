@@ -8,8 +8,9 @@ no-model energy baseline (words spread over the detected speech region by charac
 only means something if it beats it. Work is sharded by batch over ranks and gathered, like ASR decoding.
 
 Artifacts per set: ``alignments-<set>.json`` (per-utterance predictions and references),
-``textgrids-<set>/<id>.TextGrid`` (predicted and reference tiers), ``plots-<set>/<id>.png`` for a few
-utterances; over all sets: ``alignment_summary.{json,md}``.
+``textgrids-<set>/<id>.TextGrid`` (predicted and reference tiers), ``plots-<set>/<id>.png`` for the first
+utterance of every language of the set (``eval/plots.py``: legend, labels that never overlap, the
+utterance's AAS in the title); over all sets: ``alignment_summary.{json,md}``, the table linking the plots.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from qwen3asr_train.eval.alignment import (
     AlignmentStats,
     decode_slots,
     energy_baseline,
-    plot_alignment,
     slots_to_spans,
     write_alignments_json,
     write_textgrid,
 )
 from qwen3asr_train.eval.decode import duration_batches
+from qwen3asr_train.eval.plots import one_per_language, plot_alignment
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,20 @@ def write_alignment_reports(
     stats: AlignmentStats,
     baseline: AlignmentStats,
     max_textgrids: int = 50,
-    plots: int = 3,
+    plots_per_language: int = 1,
+    title: str | None = None,
 ) -> dict[str, Any]:
-    """Per-set JSON/TextGrids/plots and the summary table; returns the summary."""
+    """Per-set JSON/TextGrids/plots and the summary table; returns the summary.
+
+    ``plots_per_language``: alignment plots of the first N utterances of every language of a set;
+    ``title``: model and step, for the table and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    plotted: dict[str, list[Path]] = {}
     for name, samples in sets.items():
         per_set = AlignmentStats()
         per_set.records = [r for r in stats.records if r["set"] == name]
         write_alignments_json(out_dir / f"alignments-{name}.json", per_set)
+        to_plot = set(one_per_language(samples, lambda s: s.utt.language, plots_per_language))
         for k, (sample, pred) in enumerate(zip(samples, predictions[name], strict=True)):
             words = [w.word for w in sample.utt.words or []]
             ref = [(w.start, w.end) for w in sample.utt.words or []]
@@ -119,8 +126,19 @@ def write_alignment_reports(
                     len(sample.audio) / SAMPLE_RATE,
                     ref,
                 )
-            if k < plots:
-                plot_alignment(out_dir / f"plots-{name}" / f"{safe}.png", sample.audio, words, pred, ref, title=safe)
+            if k in to_plot:
+                aas = _utterance_aas_ms(pred, ref)
+                heading = f"{name} / {sample.utt.language}: {sample.utt.id} (AAS {aas:.0f} ms)"
+                plotted.setdefault(name, []).append(
+                    plot_alignment(
+                        out_dir / f"plots-{name}" / f"{safe}.png",
+                        sample.audio,
+                        words,
+                        pred,
+                        ref,
+                        title=f"{heading}\n{title}" if title else heading,
+                    )
+                )
     summary = {"model": stats.summary(), "energy_baseline": baseline.summary()}
     (out_dir / "alignment_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
@@ -136,9 +154,21 @@ def write_alignment_reports(
                 f"| {s['boundaries']} | {b['aas_ms']:.1f} |"
             )
     table = "\n".join(lines) + "\n"
-    (out_dir / "alignment_summary.md").write_text(table)
+    links = [
+        f"- {name}: " + ", ".join(f"[{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in paths)
+        for name, paths in plotted.items()
+    ]
+    heading = f"# Alignment evaluation: {title}\n\n" if title else ""
+    plots_md = "\nAlignment plots (one utterance per language):\n\n" + "\n".join(links) + "\n" if links else ""
+    (out_dir / "alignment_summary.md").write_text(heading + table + plots_md)
     log.info("alignment summary:\n%s", table)
     return summary
+
+
+def _utterance_aas_ms(pred: Sequence[tuple[float, float]], ref: Sequence[tuple[float, float]]) -> float:
+    """Mean |pred - ref| over the starts and ends of one utterance, in ms (the AAS of that utterance)."""
+    errors = [abs(p - r) for ps, rs in zip(pred, ref, strict=True) for p, r in zip(ps, rs, strict=True)]
+    return 1000.0 * sum(errors) / len(errors) if errors else float("nan")
 
 
 def alignment_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -170,6 +200,7 @@ class AlignmentEvaluator:
         self.sets = sets
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
+        self.title: str | None = None
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         predictions = {
@@ -181,5 +212,5 @@ class AlignmentEvaluator:
         stats, baseline = AlignmentStats(), AlignmentStats()
         for name, samples in self.sets.items():
             score_alignments(name, samples, predictions[name], stats, baseline)
-        summary = write_alignment_reports(out_dir, self.sets, predictions, stats, baseline)
+        summary = write_alignment_reports(out_dir, self.sets, predictions, stats, baseline, title=self.title)
         return alignment_metrics(summary)

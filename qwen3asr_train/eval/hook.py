@@ -4,7 +4,9 @@ Why a callback with a pluggable evaluator: SFT and GSPO decode transcripts and s
 aligner decodes timestamps and scores AAS; the *when* (every N optimizer steps, at the end, on every
 rank with the work sharded and gathered) and the *what to do with the numbers* (log them, write the
 artifacts, keep the best checkpoint) are the same. Metrics are logged at the optimizer step they were
-measured after; the artifacts of each evaluation go to ``<run_dir>/eval/step-<N>/``.
+measured after; the artifacts of each evaluation go to ``<run_dir>/eval/step-<N>/``, and after each one
+the run's pictures are redrawn (``eval/plots.py``: ``training_curves.png``, ``eval/error_rates_by_step.png``,
+and ``eval/summary.md`` linking them with every step's table and charts).
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
-    """Decodes its sets with ``model`` and returns flat metrics (``val/<set>/...``); rank 0 writes artifacts."""
+    """Decodes its sets with ``model`` and returns flat metrics (``val/<set>/...``); rank 0 writes artifacts.
+
+    ``title`` (model and step) is set by the hook before each evaluation and heads the written charts."""
+
+    title: str | None
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]: ...
 
@@ -77,6 +83,7 @@ class ASREvaluator:
         self.opts = opts
         self.samples_to_log = samples_to_log
         self.samples: list[dict[str, str]] = []
+        self.title: str | None = None
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         from qwen3asr_train.eval.report import log_metrics, write_reports
@@ -86,7 +93,7 @@ class ASREvaluator:
         }
         if not write:
             return {}
-        summary = write_reports(out_dir, results)
+        summary = write_reports(out_dir, results, title=self.title)
         metrics: dict[str, float] = {}
         self.samples = []
         for name, rows in results.items():
@@ -151,6 +158,7 @@ class PeriodicEvaluation(L.Callback):
         self.last_step = step
         model = pl_module.model
         out_dir = self.run_dir / "eval" / f"step-{step:08d}"
+        self.evaluator.title = f"{self.run_dir.name}, step {step}"
         metrics = self.evaluator.evaluate(model, out_dir, write=trainer.is_global_zero)
         metrics = trainer.strategy.broadcast(metrics, src=0)
         self.history.append((step, metrics))
@@ -158,6 +166,8 @@ class PeriodicEvaluation(L.Callback):
             trainer.logger.log_metrics(metrics, step=step)
             log_samples(trainer.logger, getattr(self.evaluator, "samples", []), step)
             trainer.logger.save()
+        if trainer.is_global_zero:
+            self._write_plots()
         if self.monitor is not None:
             if self.monitor not in metrics:
                 raise KeyError(f"evaluation.monitor={self.monitor!r} is not among the metrics {sorted(metrics)}")
@@ -168,6 +178,20 @@ class PeriodicEvaluation(L.Callback):
                 trainer.save_checkpoint(self.run_dir / "checkpoints" / "best.ckpt")
                 if trainer.is_global_zero:
                     log.info("new best %s = %.4f at step %d", self.monitor, value, step)
+
+    def _write_plots(self) -> None:
+        """Training curves, per-step error rates and ``eval/summary.md`` after every evaluation, so a run
+        stopped at any point has its pictures. A plotting failure is logged, never fatal: the evaluation
+        numbers are already logged and written, and losing a training run to a picture would be worse."""
+        from qwen3asr_train.eval.plots import write_run_plots
+
+        try:
+            written = write_run_plots(self.run_dir)
+        except Exception:
+            log.exception("could not draw the run's plots in %s (training continues)", self.run_dir)
+            return
+        if written:
+            log.info("plots: %s", ", ".join(str(p) for p in written.values()))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

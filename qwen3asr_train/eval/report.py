@@ -18,7 +18,8 @@ Files, per set, in the output directory (ids sorted, text escaped so one utteran
   LID accuracy, no-speech precision/recall, format errors, repetitions, truncations.
 * ``results-<set>.jsonl`` — one JSON record per utterance, including the scoring settings.
 
-Over all sets: ``summary.md`` (:func:`format_table`), ``summary.json`` and ``error_rates.png``.
+Over all sets: ``summary.md`` (:func:`format_table`, linking the chart), ``summary.json`` and
+``error_rates.png`` (``eval/plots.py``: fixed 0-100 % axis, model and step in the title).
 
 Logged metric names (:func:`log_metrics`; ``<metric>`` is ``wer``, ``cer`` or ``mer`` as the
 aggregator scored the language; languages are canonical names; "speech languages" are those with
@@ -427,40 +428,34 @@ def format_table(summary_by_set: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n\nScoring: " + "; ".join(settings) + "\n"
 
 
-def _plot_error_rates(path: Path, summary_by_set: Mapping[str, Mapping[str, Any]]) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed (Agg)
+def write_summary(
+    out_dir: str | Path, summary_by_set: Mapping[str, Mapping[str, Any]], title: str | None = None
+) -> dict[str, Path]:
+    """Write ``summary.md``, ``summary.json`` and ``error_rates.png`` over all sets; returns the paths.
 
-    metric_of: dict[str, str] = {}
-    for s in summary_by_set.values():
-        for lang, c in _speech_languages(s).items():
-            metric_of.setdefault(lang, c["metric"])
-    langs = sorted(metric_of)
-    width = 0.8 / max(len(summary_by_set), 1)
-    fig = Figure(figsize=(max(6.0, 1.2 * len(langs) * max(1, len(summary_by_set)) ** 0.5), 4.0))
-    ax = fig.add_subplot()
-    for k, (set_name, s) in enumerate(summary_by_set.items()):
-        speech = _speech_languages(s)
-        xs = [i + (k - (len(summary_by_set) - 1) / 2) * width for i, lang in enumerate(langs) if lang in speech]
-        bars = ax.bar(xs, [100 * speech[lang]["rate"] for lang in langs if lang in speech], width, label=set_name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)  # a 0 % bar is otherwise invisible
-    ax.set_xticks(range(len(langs)), [f"{lang}\n({metric_of[lang].upper()})" for lang in langs])
-    ax.set_ylabel("error rate (%)")
-    ax.set_title("Error rate per language and set")
-    if summary_by_set:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    ``title`` says what was evaluated (model and step, e.g. ``"exp/sft/export, step 1200"``); it heads the
+    chart and ``summary.md``, which links the chart. The chart (:func:`qwen3asr_train.eval.plots.plot_error_rates`)
+    uses a fixed 0-100 % axis so charts of different runs compare by eye.
+    """
+    from qwen3asr_train.eval.plots import plot_error_rates
 
-
-def write_summary(out_dir: str | Path, summary_by_set: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
-    """Write ``summary.md``, ``summary.json`` and ``error_rates.png`` over all sets; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "summary.md", "json": out / "summary.json", "plot": out / "error_rates.png"}
-    paths["markdown"].write_text(format_table(summary_by_set), encoding="utf-8")
-    payload = {"normalizer_version": NORMALIZER_VERSION, "sets": summary_by_set}
+    heading = f"# Evaluation: {title}\n\n" if title else ""
+    chart = f"\n![error rate per language]({paths['plot'].name})\n"
+    paths["markdown"].write_text(heading + format_table(summary_by_set) + chart, encoding="utf-8")
+    payload = {"normalizer_version": NORMALIZER_VERSION, "title": title, "sets": summary_by_set}
     paths["json"].write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _plot_error_rates(paths["plot"], summary_by_set)
+    has_speech = any(_speech_languages(s) for s in summary_by_set.values())
+    if has_speech:
+        plot_error_rates(
+            paths["plot"], {title or out.name: summary_by_set}, f"error rate per language: {title or out.name}"
+        )
+    else:  # only no-speech references: there is no error rate to draw
+        paths["plot"].unlink(missing_ok=True)
+        del paths["plot"]
+        paths["markdown"].write_text(heading + format_table(summary_by_set), encoding="utf-8")
     return paths
 
 
@@ -468,15 +463,18 @@ def write_reports(
     out_dir: str | Path,
     results_by_set: Mapping[str, Sequence[DecodeResult]],
     aggregator: MetricAggregator | None = None,
+    title: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Score every set, write all files, log the table; returns ``{set: summarize_set(...)}``."""
+    """Score every set, write all files, log the table; returns ``{set: summarize_set(...)}``.
+
+    ``title``: model and step, for ``summary.md`` and the chart (see :func:`write_summary`)."""
     aggregator = aggregator or MetricAggregator()
     summary_by_set = {}
     for set_name, results in results_by_set.items():
         _, records = score_results(set_name, results, aggregator)
         summary_by_set[set_name] = summarize_set(aggregator, set_name, records)
         write_set_reports(out_dir, set_name, records, summary_by_set[set_name])
-    write_summary(out_dir, summary_by_set)
+    write_summary(out_dir, summary_by_set, title)
     logger.info("evaluation summary:\n%s", format_table(summary_by_set))
     return summary_by_set
 
