@@ -33,14 +33,14 @@ sysdeps: ## install espeak-ng (synthetic speech for the demo and aligner corpus)
 	  else echo "espeak-ng not found and no apt-get: install espeak-ng yourself (needed by make demo)"; fi; \
 	fi
 
-test: install ## fast offline CPU tests (the CI command)
+test: install ## fast offline CPU tests: unmarked tests only (the CI command; ~3 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow and not gpu and not integration and not compat"
 
-test-slow: install ## longer CPU checks: learning tests, multi-process runs
-	$(PY) -m pytest -q -m "slow and not gpu"
+test-slow: install ## longer CPU checks: learning tests, multi-process runs, CLI subprocesses, wheel builds (CI runs them)
+	$(PY) -m pytest -q -m "slow and not gpu and not compat"
 
-test-all: install ## every CPU test (compat tests skip unless QWEN3ASR_COMPAT_PYTHON is set; see test-compat)
-	$(PY) -m pytest -q -m "not gpu and not integration"
+test-all: install ## every CPU test but the compat suite (fast + slow tiers)
+	$(PY) -m pytest -q -m "not gpu and not integration and not compat"
 
 $(COMPAT_STAMP): tests/compat/requirements.txt
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
@@ -53,8 +53,8 @@ compat-venv: $(COMPAT_STAMP) ## the upstream package (qwen-asr 0.0.6, transforme
 test-compat: install compat-venv ## both directions against upstream qwen-asr in its own venv (vLLM names too)
 	QWEN3ASR_COMPAT_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(PY) -m pytest -q -m compat tests/test_compat.py
 
-test-gpu: install ## GPU-only tests (needs CUDA)
-	$(PY) -m pytest -q -m gpu
+test-gpu: install ## CUDA tests (they skip cleanly without a GPU)
+	$(PY) -m pytest -q -rs -m gpu
 
 lint: install ## ruff lint + format check
 	$(VENV)/bin/ruff check qwen3asr_train tests data_tools

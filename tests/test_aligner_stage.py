@@ -162,6 +162,7 @@ print("ALIGNED", json.dumps(out[0]))
 """
 
 
+@pytest.mark.slow
 def test_aligner_run_export_and_plain_transformers_decoding(tone_manifest, tmp_path):
     run_dir = tmp_path / "run"
     cfg = make_config(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -87,6 +89,7 @@ def test_every_schema_field_has_a_docstring():
     assert not missing, missing
 
 
+@pytest.mark.slow
 def test_configs_ship_in_a_non_editable_wheel(tmp_path):
     out = tmp_path / "wheel"
     subprocess.run(
@@ -172,3 +175,64 @@ def test_gspo_data_mix_from_the_command_line(tmp_path):
                 "+recipe.mix.speech.manifest=a.jsonl",
             ]
         )
+
+
+# ------------------------------------------------------------------ experiments, debug, recipe scripts
+RECIPE_SCRIPTS = sorted((REPO / "recipes").glob("*/run.sh"))
+SHELL_VALUES = {"$((steps / 2))": "600", "$((steps / 6))": "650", "$steps": "1200", "$sft_steps": "1200"}
+SHELL_VALUES |= {"$gspo_steps": "200", "$model": "sft"}
+
+
+def _script_invocations(script: Path) -> list[list[str]]:
+    """The override lists of every ``python -m qwen3asr_train`` line of a recipe script, shell values filled in."""
+    text = script.read_text()
+    exp = re.search(r"exp=(\S+)", text).group(1)
+    calls = []
+    for line in text.replace("\\\n", " ").splitlines():
+        if "-m qwen3asr_train " not in line:
+            continue
+        args = line.split("-m qwen3asr_train ", 1)[1]
+        for key, value in SHELL_VALUES.items():
+            args = args.replace(key, value)
+        calls.append(args.replace("$exp", exp).split())
+    return calls
+
+
+@pytest.mark.parametrize("script", RECIPE_SCRIPTS, ids=lambda p: p.parent.name)
+def test_every_recipe_script_uses_experiments_that_compose(script, tmp_path):
+    calls = _script_invocations(script)
+    assert calls, f"{script}: no qwen3asr_train invocation found"
+    for overrides in calls:
+        assert overrides[0].startswith("experiment="), f"{script}: {overrides} does not start from an experiment"
+        plain = [o for o in overrides if not o.startswith("hydra.")]
+        cfg = make_config([*plain, f"run_dir={tmp_path}"])
+        assert cfg.recipe.name in {"sft", "gspo", "aligner", "eval", "export"}
+        debug = make_config([overrides[0], "debug=default", f"run_dir={tmp_path}"])
+        assert debug.trainer.max_steps in (4, -1) and debug.data.num_workers == 0
+
+
+@pytest.mark.slow
+def test_demo_experiment_debug_run_takes_under_a_minute(tmp_path):
+    """``python -m qwen3asr_train experiment=demo_sft debug=default`` on a stand-in corpus where the demo keeps it."""
+    from qwen3asr_train.tools.synthetic import write_tone_corpus
+
+    corpus = tmp_path / "exp" / "demo_sft" / "corpus"
+    write_tone_corpus(corpus, 40, seed=1, name="train")
+    heldout = write_tone_corpus(corpus / "heldout", 8, seed=2, name="test")  # own wav folder; absolute paths
+    heldout.rename(corpus / "test.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen3asr_train", "experiment=demo_sft", "debug=default"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "debug" / "sft").iterdir())
+    assert len(runs) == 1 and (runs[0] / "export" / "model.safetensors").exists()
+    assert (runs[0] / "run_record.json").exists()
+    assert seconds < 60, f"debug run took {seconds:.0f} s"

@@ -124,6 +124,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, manifest: str, out
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_decoding_on_two_processes_equals_one(hooked_run, manifest_dir, tmp_path):
     model_dir = hooked_run / "export"
     manifest = str(manifest_dir / "dev.jsonl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from qwen3asr_train.data.datamodule import row_checks
@@ -42,6 +43,7 @@ def mean_reward(model, processor, samples, reward: CompositeReward, seed: int = 
     return float(total.mean())
 
 
+@pytest.mark.slow
 def test_gspo_raises_mean_reward(tmp_path):
     corpus = tmp_path / "corpus"
     manifest = write_manifest(corpus, num=4, seed=11, min_seconds=1.0, max_seconds=1.6)

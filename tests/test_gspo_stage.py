@@ -149,6 +149,7 @@ def test_tiny_gspo_run_moves_trainable_weights_only_and_logs_metrics(manifest_di
     assert ratios[1] != pytest.approx(1.0, abs=1e-9)  # the second one is off-policy
 
 
+@pytest.mark.slow
 def test_gspo_ddp_two_cpu_processes(manifest_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     cmd = [

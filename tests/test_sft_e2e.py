@@ -32,6 +32,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
+@pytest.mark.slow
 def test_cli_run_writes_checkpoints_logs_config_and_export(manifest_dir, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_sft_overrides(
@@ -109,6 +110,7 @@ def trained_run(manifest_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_export_loads_in_plain_transformers_and_generates(trained_run, tmp_path):
     out = export_stage.run(
         make_config(
@@ -197,6 +199,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(manifest_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     overrides = tiny_sft_overrides(

@@ -219,6 +219,8 @@ class DataConfig:
     """Reshuffle the batch order every epoch (from the run seed and the epoch number)."""
     trim_to_equal_batches: bool = True
     """In multi-process runs, drop the last few batches so every rank sees the same number of batches."""
+    max_utterances: int = 0
+    """Train on the first N rows that pass the checks (0 = all): debug runs and quick trials on a big corpus."""
 
     def validate(self) -> None:
         self.train = _as_list(self.train, "data.train")

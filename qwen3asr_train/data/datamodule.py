@@ -54,6 +54,14 @@ def load_train_utterances(cfg: DataConfig, report: SkipReport | None = None) -> 
         hf_items, hf = load_hf_source(cfg.hf_train, checks, cfg.on_bad_row, local)
         items.extend(hf_items)
     report.extend(local, "train")
+    if 0 < cfg.max_utterances < len(items):
+        log.info(
+            "data.max_utterances=%d: training on the first %d of %d rows",
+            cfg.max_utterances,
+            cfg.max_utterances,
+            len(items),
+        )
+        items = items[: cfg.max_utterances]
     return items, hf
 
 

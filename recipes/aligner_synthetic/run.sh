@@ -48,25 +48,16 @@ fi
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
   log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins)"
   rm -rf $exp/train
-  # Every word slotted, Gaussian soft targets over neighbouring bins, cosine decay: see docs/results.md
-  # (aligner runs) for what each choice measured.
+  # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay.
   TIMEFORMAT="training CPU time: %U s user + %S s system (%R s wall)"
-  time $PY -m qwen3asr_train recipe=aligner model=small model.num_labels=375 \
-    data.train=$exp/manifests/train.jsonl data.max_batch_seconds=60 data.num_workers=0 \
-    trainer=cpu trainer.max_steps=$steps trainer.log_every_n_steps=50 trainer.checkpoint_every_n_steps=1000 \
-    trainer.enable_progress_bar=false recipe.optim.lr=1e-3 recipe.optim.warmup_steps=50 \
-    recipe.optim.schedule=cosine recipe.optim.min_lr_ratio=0.05 recipe.slot_prob=1.0 recipe.label_sigma_bins=1.0 \
-    +evaluation.sets.heldout=$exp/manifests/test.jsonl evaluation.every_n_steps=$((steps / 6)) \
-    hydra.run.dir=$exp/train
+  time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 6))
   touch $exp/train/.done
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   log "Stage 4: AAS of the untrained and the trained aligner on held-out data (+ energy baseline)"
-  $PY -m qwen3asr_train recipe=eval recipe.model_path=$exp/train/model_init \
-    +recipe.sets.heldout=$exp/manifests/test.jsonl hydra.run.dir=$exp/eval_before
-  $PY -m qwen3asr_train recipe=eval recipe.model_path=$exp/train/export \
-    +recipe.sets.heldout=$exp/manifests/test.jsonl hydra.run.dir=$exp/eval_after
+  $PY -m qwen3asr_train experiment=aligner_synthetic_eval recipe.model_path=$exp/train/model_init hydra.run.dir=$exp/eval_before
+  $PY -m qwen3asr_train experiment=aligner_synthetic_eval
   echo "before training:"; cat $exp/eval_before/alignment_summary.md
   echo "after training:";  cat $exp/eval_after/alignment_summary.md
 fi

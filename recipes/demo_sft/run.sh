@@ -27,28 +27,19 @@ fi
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && [ ! -f $exp/sft/.done ]; then
   log "Stage 1: SFT of a ~0.6M-parameter Qwen3-ASR (model=small, random init) for $steps steps"
   rm -rf $exp/sft
-  $PY -m qwen3asr_train recipe=sft model=small \
-    data.train=$exp/corpus/train.jsonl data.max_batch_seconds=60 data.num_workers=1 \
-    trainer=cpu trainer.max_steps=$steps trainer.log_every_n_steps=50 trainer.checkpoint_every_n_steps=500 \
-    trainer.enable_progress_bar=false \
-    recipe.optim.lr=3e-3 recipe.optim.warmup_steps=50 recipe.optim.schedule=constant recipe.ctc_weight=0.5 \
-    +evaluation.sets.heldout=$exp/corpus/test.jsonl evaluation.every_n_steps=$((steps / 2)) \
-    hydra.run.dir=$exp/sft
+  $PY -m qwen3asr_train experiment=demo_sft trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 2))
   touch $exp/sft/.done
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "Stage 2: decode the held-out set with the untrained and the trained model"
-  $PY -m qwen3asr_train recipe=eval recipe.model_path=$exp/sft/model_init \
-    +recipe.sets.heldout=$exp/corpus/test.jsonl hydra.run.dir=$exp/eval_before
-  $PY -m qwen3asr_train recipe=eval recipe.model_path=$exp/sft/export \
-    +recipe.sets.heldout=$exp/corpus/test.jsonl hydra.run.dir=$exp/eval_after
+  $PY -m qwen3asr_train experiment=demo_sft_eval recipe.model_path=$exp/sft/model_init hydra.run.dir=$exp/eval_before
+  $PY -m qwen3asr_train experiment=demo_sft_eval
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   log "Stage 3: export the trained checkpoint in both layouts (transformers-native and original thinker)"
-  $PY -m qwen3asr_train recipe=export recipe.checkpoint=$exp/sft recipe.layout=both \
-    recipe.output_dir=$exp/export hydra.run.dir=$exp/export_log
+  $PY -m qwen3asr_train experiment=demo_sft_export
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
