@@ -41,7 +41,7 @@ import numpy as np
 from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
-from qwen3asr_train.data.collate import IGNORE_INDEX, pad_rows, row_rng
+from qwen3asr_train.data.collate import IGNORE_INDEX, model_inputs, pad_rows, row_rng
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import AlignedWord, ManifestError, SkipReport, Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
@@ -341,13 +341,8 @@ class AlignerCollator:
             [(ids, labs) for ids, labs, _ in rows], self.pad_id, self.padding_side
         )  # each (B, L)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
-            "input_features": feats["input_features"],
-            "input_features_mask": feats["attention_mask"].long(),
+            **model_inputs(input_ids, attention, labels, feats),  # num_target_tokens = slots: the loss normaliser
             "num_slots": int((labels != IGNORE_INDEX).sum()),
-            "num_target_tokens": int((labels != IGNORE_INDEX).sum()),  # the loss normaliser (window collator)
             "slotted_words": [[(w.word, w.start, w.end) for w in timed] for _, _, timed in rows],
             "ids": [s.utt.id for s in samples],
             "languages": [s.utt.language for s in samples],

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,21 @@ def pad_rows(
         labels[i, start : start + len(ids)] = torch.tensor(labs)
         attention[i, start : start + len(ids)] = 1
     return input_ids, labels, attention
+
+
+def model_inputs(
+    input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, feats: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The batch keys every collator gives the model and the loss normaliser (``num_target_tokens``: labelled
+    positions, what the window collator sums per optimizer step)."""
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "input_features": feats["input_features"],
+        "input_features_mask": feats["attention_mask"].long(),
+        "num_target_tokens": int((labels != IGNORE_INDEX).sum()),
+    }
 
 
 def row_rng(seed: int, epoch: int, index: int, stream: str = "") -> random.Random:
@@ -182,12 +198,7 @@ class SFTCollator:
             [(p + t, [IGNORE_INDEX] * len(p) + t) for p, t in rows], self.pad_id, self.options.padding_side
         )
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "labels": labels,
-            "input_features": feats["input_features"],
-            "input_features_mask": feats["attention_mask"].long(),
-            "num_target_tokens": int((labels != IGNORE_INDEX).sum()),
+            **model_inputs(input_ids, attention, labels, feats),
             "audio_seconds": float(sum(len(a) for a in audios) / SAMPLE_RATE),
             "num_no_speech": sum(p.no_speech for p in plans),
             "ids": [s.utt.id for s in samples],

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from safetensors.torch import save_file
@@ -108,16 +108,22 @@ def native_state_dict(model: AsrModel, dtype: torch.dtype) -> dict[str, torch.Te
     return state
 
 
+class SaveOptions(TypedDict, total=False):
+    """Options of :func:`save_native` and :func:`save_original`."""
+
+    dtype: torch.dtype
+    """Weights dtype on disk (default float32)."""
+    run_config: Mapping[str, Any] | None
+    """Written as ``qwen3asr_train_run.json`` (what produced the weights, and from which step)."""
+
+
 def save_native(
-    model: AsrModel,
-    processor: Qwen3ASRProcessor,
-    out_dir: str | Path,
-    dtype: torch.dtype = torch.float32,
-    run_config: Mapping[str, Any] | None = None,
+    model: AsrModel, processor: Qwen3ASRProcessor, out_dir: str | Path, **options: Unpack[SaveOptions]
 ) -> Path:
     """Save the native layout (weights, config, generation config, processor) atomically."""
     out = Path(out_dir)
     model = _plain_model(model)
+    dtype = options.get("dtype", torch.float32)
     with _AtomicDir(out) as tmp:
         save_file(native_state_dict(model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = copy.deepcopy(model.config)
@@ -129,17 +135,13 @@ def save_native(
         if processor.chat_template is None and hasattr(model, "generate"):
             processor.chat_template = ASR_CHAT_TEMPLATE
         processor.save_pretrained(tmp)
-        _write_run_config(tmp, run_config)
+        _write_run_config(tmp, options.get("run_config"))
     log.info("wrote native checkpoint to %s", out)
     return out
 
 
 def save_original(
-    model: AsrModel,
-    processor: Qwen3ASRProcessor,
-    out_dir: str | Path,
-    dtype: torch.dtype = torch.float32,
-    run_config: Mapping[str, Any] | None = None,
+    model: AsrModel, processor: Qwen3ASRProcessor, out_dir: str | Path, **options: Unpack[SaveOptions]
 ) -> Path:
     """Save the original thinker layout that qwen-asr 0.0.6 and vLLM load, atomically.
 
@@ -151,6 +153,7 @@ def save_original(
     """
     out = Path(out_dir)
     model = _plain_model(model)
+    dtype = options.get("dtype", torch.float32)
     tok = processor.tokenizer
     native_cfg = model.config.to_dict()
     token_ids = {
@@ -169,17 +172,14 @@ def save_original(
     config["transformers_version"] = native_cfg.get("transformers_version")
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tied = bool(model.config.tie_word_embeddings) and hasattr(model, "lm_head")
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    if tied:
-        state.pop("lm_head.weight", None)
-    original = native_to_original_state_dict(state, tied=tied)
+    original = native_to_original_state_dict(native_state_dict(model, dtype), tied=tied)
     with _AtomicDir(out) as tmp:
         save_file(original, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if hasattr(model, "generate"):
             generation_config_for(processor).save_pretrained(tmp)
         write_legacy_processor_files(processor, tmp)
-        _write_run_config(tmp, run_config)
+        _write_run_config(tmp, options.get("run_config"))
     log.info("wrote original-layout checkpoint to %s", out)
     return out
 

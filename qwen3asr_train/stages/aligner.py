@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from qwen3asr_train import spine
 from qwen3asr_train.config.schema import AlignerConfig, EvalHookConfig, RunConfig
 from qwen3asr_train.data.aligner import (
     SEGMENT_MS,
@@ -38,15 +39,6 @@ from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.losses import audio_ctc, slot_ce
 from qwen3asr_train.model.builder import AsrModel
-from qwen3asr_train.spine import (
-    REJECTS_FILE,
-    build_run_model,
-    finish_run,
-    run_plan,
-    start_run,
-    total_optimizer_steps,
-    write_rejects,
-)
 from qwen3asr_train.training import (
     StepNormaliser,
     SummedValidation,
@@ -177,21 +169,21 @@ def prepare(
     """Model, data and Trainer for an aligner run."""
     recipe: AlignerConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
-    resume = start_run(cfg, recipe.resume_from)
+    resume = spine.start_run(cfg, recipe.resume_from)
     rejects = SkipReport()
     train, hf = load_train_utterances(cfg.data, rejects)
     train = usable_for_alignment(train, recipe.on_unit_mismatch, "train", rejects)
     checks = row_checks(cfg.data)
     valid = read_manifests(cfg.data.valid, checks, cfg.data.on_bad_row, rejects) if cfg.data.valid else []
     valid = usable_for_alignment(valid, recipe.on_unit_mismatch, "valid", rejects) if valid else []
-    write_rejects(rejects, run_dir)
-    plan = run_plan(
+    spine.write_rejects(rejects, run_dir)
+    plan = spine.run_plan(
         cfg,
         {"train": train},
         aligner={"concat_max_seconds": recipe.concat_max_seconds, "concat_gap_seconds": recipe.concat_gap_seconds},
     )
     check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
-    model, processor = build_run_model(cfg, [u.text for u in train])
+    model, processor = spine.build_run_model(cfg, [u.text for u in train])
     num_classes = int(model.config.num_labels)
     limit = max_addressable_seconds(num_classes)
     too_long = [u for u in train if u.duration > limit]
@@ -202,7 +194,7 @@ def prepare(
             "too_long",
         )
     dataset = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
-    dataset.rejects_path = run_dir / REJECTS_FILE
+    dataset.rejects_path = run_dir / spine.REJECTS_FILE
     if recipe.concat_max_seconds > 0:
         if recipe.concat_max_seconds > limit:
             raise ValueError(
@@ -231,7 +223,7 @@ def prepare(
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
     special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
-    module = AlignerModule(model, recipe, total_optimizer_steps(cfg, per_rank_micro), special)
+    module = AlignerModule(model, recipe, spine.total_optimizer_steps(cfg, per_rank_micro), special)
     return module, datamodule, trainer, processor
 
 
@@ -239,4 +231,4 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Train the aligner and export it (see the module docstring)."""
     module, datamodule, trainer, processor = prepare(cfg)
     fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
-    return finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)
+    return spine.finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)

@@ -35,11 +35,15 @@ def run(cfg: RunConfig) -> dict[str, str]:
     written = {}
     if recipe.layout in {"native", "both"}:
         written["native"] = str(
-            save_native(model, processor, out / "native" if recipe.layout == "both" else out, dtype, run_cfg)
+            save_native(
+                model, processor, out / "native" if recipe.layout == "both" else out, dtype=dtype, run_config=run_cfg
+            )
         )
     if recipe.layout in {"original", "both"}:
         written["original"] = str(
-            save_original(model, processor, out / "original" if recipe.layout == "both" else out, dtype, run_cfg)
+            save_original(
+                model, processor, out / "original" if recipe.layout == "both" else out, dtype=dtype, run_config=run_cfg
+            )
         )
     for key, value in written.items():
         log.info("exported %s layout: %s", key, value)

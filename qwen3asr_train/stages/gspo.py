@@ -29,6 +29,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from qwen3asr_train import spine
 from qwen3asr_train.config.schema import GSPOConfig, RunConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
@@ -47,7 +48,6 @@ from qwen3asr_train.rl.rollout import (
     completion_logprobs,
     sampling_rng,
 )
-from qwen3asr_train.spine import REJECTS_FILE, build_run_model, finish_run, run_plan, start_run, write_rejects
 from qwen3asr_train.training import build_optimizer, build_trainer, check_resume_plan, fit
 
 log = logging.getLogger(__name__)
@@ -278,11 +278,11 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     """Model, rollout data and Trainer for a GSPO run."""
     recipe: GSPOConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
-    resume = start_run(cfg, recipe.resume_from)
+    resume = spine.start_run(cfg, recipe.resume_from)
     rejects = SkipReport()
     sources = read_mix_sources(cfg, rejects)
-    write_rejects(rejects, run_dir)
-    plan = run_plan(
+    spine.write_rejects(rejects, run_dir)
+    plan = spine.run_plan(
         cfg,
         {name: utts for utts, _, name in sources},
         rollouts={
@@ -295,7 +295,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     )
     check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     texts = [u.text for utts, _, _ in sources for u in utts]
-    model, processor = build_run_model(cfg, texts)
+    model, processor = spine.build_run_model(cfg, texts)
     ref_model = None
     if recipe.kl_beta > 0:
         ref_model, _ = build_model(cfg.model, texts=texts, seed=cfg.seed)
@@ -318,7 +318,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     datasets = []
     for utts, weight, _ in sources:
         dataset = UtteranceDataset(utts, cfg.data.on_bad_row)
-        dataset.rejects_path = run_dir / REJECTS_FILE
+        dataset.rejects_path = run_dir / spine.REJECTS_FILE
         datasets.append((dataset, weight))
     for utts, weight, name in sources:
         log.info("GSPO source %s: %d utterances, weight %.3g", name, len(utts), weight)
@@ -347,4 +347,4 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise ValueError("trainer.max_steps: GSPO runs are sized in optimizer steps; set trainer.max_steps > 0")
     module, loader, trainer, processor = prepare(cfg)
     fit(trainer, module, train_dataloaders=loader)  # Preempted (exit 143) / NonFiniteError propagate: no export
-    return finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)
+    return spine.finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)

@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from qwen3asr_train import spine
 from qwen3asr_train.config.schema import RunConfig, SFTConfig
 from qwen3asr_train.data.collate import SFTCollator, SFTOptions
 from qwen3asr_train.data.datamodule import (
@@ -36,15 +37,6 @@ from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel
-from qwen3asr_train.spine import (
-    REJECTS_FILE,
-    build_run_model,
-    finish_run,
-    run_plan,
-    start_run,
-    total_optimizer_steps,
-    write_rejects,
-)
 from qwen3asr_train.training import (
     StepNormaliser,
     SummedValidation,
@@ -146,21 +138,21 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     """Model, data and Trainer for a run (``run`` fits them; tests add callbacks here)."""
     recipe: SFTConfig = cfg.recipe
     run_dir = Path(cfg.run_dir)
-    resume = start_run(cfg, recipe.resume_from)
+    resume = spine.start_run(cfg, recipe.resume_from)
 
     rejects = SkipReport()
     train, hf = load_train_utterances(cfg.data, rejects)
     valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row, rejects) if cfg.data.valid else []
-    plan = run_plan(cfg, {"train": train})
+    plan = spine.run_plan(cfg, {"train": train})
     check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
-    model, processor = build_run_model(cfg, [u.text for u in train])
+    model, processor = spine.build_run_model(cfg, [u.text for u in train])
     train = drop_long_targets(train, processor, cfg.data, rejects)
-    write_rejects(rejects, run_dir)
+    spine.write_rejects(rejects, run_dir)
 
     collator = SFTCollator(processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(train, cfg.seed))
     plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
     train_set = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
-    train_set.rejects_path = run_dir / REJECTS_FILE
+    train_set.rejects_path = run_dir / spine.REJECTS_FILE
     datamodule = ASRDataModule(
         cfg.data,
         train_set,
@@ -178,7 +170,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     module = SFTModule(
         model,
         recipe,
-        total_optimizer_steps(cfg, per_rank_micro),
+        spine.total_optimizer_steps(cfg, per_rank_micro),
         tok.pad_token_id,
         tok.convert_tokens_to_ids(ASR_TEXT),
         tok.convert_tokens_to_ids(IM_END),
@@ -190,4 +182,4 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Build everything from the config, train, and export. Returns paths of what was written."""
     module, datamodule, trainer, processor = prepare(cfg)
     fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
-    return finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)
+    return spine.finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)

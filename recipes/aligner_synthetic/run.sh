@@ -8,20 +8,11 @@
 # All outputs go under exp/aligner_synthetic/ (delete it to start over).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${ALIGNER_STEPS:-3900}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;; --num-train) num_train=$2; shift 2;;
-    *) echo "unknown option $1"; exit 2;;
-  esac
-done
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
+steps=${ALIGNER_STEPS:-3900}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
+. recipes/common.sh "$@"
 # Keep freed tensor memory in the heap instead of returning it to the kernel after every step: with
 # glibc's defaults the variable-length batches cost 60-200 s of system CPU time per 3000 steps, ~5 s with these.
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
-mkdir -p $exp
-log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   log "Stage 0: synthetic English speech with word times ($num_train train / 100 held-out clips, 4-10 words)"

@@ -6,17 +6,8 @@
 # All outputs go under exp/demo_sft/ (delete it to start over). Stages skip themselves once done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; steps=${DEMO_STEPS:-1200}; exp=exp/demo_sft
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;; --steps) steps=$2; shift 2;;
-    *) echo "unknown option $1"; exit 2;;
-  esac
-done
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-mkdir -p $exp
-log() { echo "[$(date +%H:%M:%S)] $*"; }
+steps=${DEMO_STEPS:-1200}; exp=exp/demo_sft
+. recipes/common.sh "$@"
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   log "Stage 0: synthetic English speech (espeak-ng): 2000 train / 100 held-out clips of 1-4 words from a 24-word vocabulary"

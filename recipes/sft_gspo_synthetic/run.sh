@@ -6,17 +6,8 @@
 # All outputs go under exp/sft_gspo_synthetic/ (delete it to start over).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
-stage=0; stop_stage=100; sft_steps=${SFT_STEPS:-1200}; gspo_steps=${GSPO_STEPS:-200}; exp=exp/sft_gspo_synthetic
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) stage=$2; shift 2;; --stop-stage) stop_stage=$2; shift 2;;
-    *) echo "unknown option $1"; exit 2;;
-  esac
-done
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-mkdir -p $exp
-log() { echo "[$(date +%H:%M:%S)] $*"; }
+sft_steps=${SFT_STEPS:-1200}; gspo_steps=${GSPO_STEPS:-200}; exp=exp/sft_gspo_synthetic
+. recipes/common.sh "$@"
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   log "Stage 0: synthetic speech (1-4 words, 24-word vocabulary) + 300 no-speech clips"
