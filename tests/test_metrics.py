@@ -127,7 +127,7 @@ def test_alignment_fuzz_against_jiwer() -> None:
         hyp = [rng.choice("abcde") for _ in range(rng.randint(0, 14))]
         counts = score_tokens(ref, hyp, "word").counts
         s, d, i, h = jiwer_sdi(" ".join(ref), " ".join(hyp))
-        assert counts.errors == s + d + i
+        assert sdi(counts) == (s, d, i, h)  # the split too, ties included: the same algorithm as jiwer
         assert counts.ref_units == len(ref) and counts.hyp_units == len(hyp)
 
 
@@ -356,3 +356,11 @@ def test_aggregator_records_lid_and_format_errors() -> None:
     assert dev["no_speech"]["fp"] == 1 and dev["no_speech"]["tn"] == 3
     with pytest.raises(ValueError, match="mixing units"):
         agg.add_counts("dev", "English", ErrorCounts(hits=1, utterances=1), "char")
+
+
+def test_tag_loop_is_a_format_error() -> None:
+    """A model stuck writing ``<asr_text>`` has not produced the ``language X<asr_text>text`` shape."""
+    looped = parse_asr_output("language English" + "<asr_text>" * 35 + "<|im_end|>")
+    assert not looped.format_ok and looped.language is None
+    assert parse_asr_output("<asr_text>" * 35).format_ok is False
+    assert parse_asr_output("language English<asr_text>hello <asr_text>").format_ok is False

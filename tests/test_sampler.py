@@ -308,3 +308,15 @@ def test_bucketing_pads_much_less_than_random_batching():
     assert f_bucketed < f_unbucketed / 4 and f_bucketed < f_fixed / 4
     # bucketing also needs fewer micro-batches for the same padded-seconds limit
     assert len(bucketed) < len(unbucketed)
+
+
+def test_golden_batch_plans_are_unchanged():
+    """Plans recorded before the two batchers became one (``pack_by_duration``): training order and the
+    evaluation plan must not move when the code does."""
+    from qwen3asr_train.eval.decode import duration_batches
+
+    d = [1.0, 2.5, 0.7, 3.2, 1.1, 2.2, 0.9, 4.0]
+    sampler = DurationWindowSampler(d, 6.0, 3, num_buckets=2, seed=7)
+    assert sampler.micro_batches(0) == [(7,), (1,), (4, 2, 0), (3,), (5,), (6,)]
+    assert sampler.micro_batches(1) == [(7,), (5,), (4, 2, 0), (6,), (1,), (3,)]
+    assert duration_batches(d, 6.0, 3) == [[2, 6, 0], [4, 5], [1], [3], [7]]

@@ -1,4 +1,5 @@
-"""Prompt and target strings: the single source for SFT, rollouts, evaluation and the aligner.
+"""The output format, both ways: prompts and targets (SFT, rollouts, evaluation, the aligner) and the parser
+of what the model writes (evaluation and rewards). One module, so the tags are written once.
 
 Why one module: training only transfers to inference when the model sees at training time exactly the
 token sequence inference builds. Upstream (``qwen_asr/inference/qwen3_asr.py`` and the ``-hf`` chat
@@ -17,6 +18,8 @@ trained, because generation stops at ``<|im_end|>`` (an eos id) and never produc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -25,6 +28,12 @@ AUDIO_END = "<|audio_end|>"
 AUDIO_PAD = "<|audio_pad|>"
 ASR_TEXT = "<asr_text>"
 TIMESTAMP = "<timestamp>"
+
+ASR_TEXT_TAG = ASR_TEXT
+END_TOKENS: tuple[str, ...] = (IM_END, ENDOFTEXT)
+"""Tokens that may close a decoded output (generation stops at either)."""
+MALFORMED = "<malformed>"
+"""Predicted-language label of an output that failed to parse (used in LID confusions)."""
 
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, AUDIO_START, AUDIO_END, AUDIO_PAD, TIMESTAMP)
 """Special tokens a Qwen3-ASR tokenizer must carry (``<asr_text>`` is a normal added token: it must survive
@@ -109,3 +118,64 @@ ALIGNER_CHAT_TEMPLATE = (
     "{{- ns.audio -}}"
     "{%- for word in ns.words -%}{{- word + '" + TIMESTAMP + TIMESTAMP + "' -}}{%- endfor -%}"
 )
+
+
+# ------------------------------------------------------------------------------------------ parsing
+_NO_SPEECH = "None"
+"""The language name of a no-speech answer (``language None<asr_text>``)."""
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """A decoded model output split into language and text (text is raw: loops are kept).
+
+    Attributes:
+        language: the language the model wrote (or the forced one); ``None`` for no speech or malformed.
+        text: the transcript, or the whole output when ``format_ok`` is False.
+        no_speech: the model wrote ``language None``.
+        format_ok: the output had the ``language X<asr_text>`` shape (always True when forced).
+        language_forced: the language came from the prompt, so the output says nothing about LID.
+    """
+
+    language: str | None
+    text: str
+    no_speech: bool
+    format_ok: bool
+    language_forced: bool = False
+
+
+def strip_end_tokens(raw: str) -> str:
+    """Remove trailing ``<|im_end|>``/``<|endoftext|>`` tokens and whitespace (any number, any order)."""
+    text = raw.rstrip()
+    while True:
+        for token in END_TOKENS:
+            if text.endswith(token):
+                text = text[: -len(token)].rstrip()
+                break
+        else:
+            return text
+
+
+def parse_asr_output(raw: str, forced_language: str | None = None) -> ParsedOutput:
+    """Split ``language X<asr_text>text`` without touching the text.
+
+    * ``language English<asr_text>hi`` -> ``("English", "hi")``.
+    * ``language None<asr_text>...`` -> no speech (any text after the tag is kept, so it can be scored
+      as a hallucination).
+    * With ``forced_language`` (the prompt already ended in ``language X<asr_text>``) the whole output is
+      text.
+    * Anything else (no ``language `` prefix, no ``<asr_text>`` tag, empty language) is a format error:
+      ``format_ok=False``, ``language=None``, ``text`` = the whole output.
+
+    Unlike upstream ``qwen_asr`` parsing, repetitions are never removed: rewards and WER must see loops.
+    """
+    body = strip_end_tokens(raw)
+    if forced_language is not None:
+        return ParsedOutput(forced_language, body.strip(), no_speech=False, format_ok=True, language_forced=True)
+    head, tag, text = body.partition(ASR_TEXT_TAG)
+    language = head[len("language ") :].strip() if head.startswith("language ") else ""
+    if not tag or not language or ASR_TEXT_TAG in text:  # a second tag (e.g. a tag loop) is malformed too
+        return ParsedOutput(None, body.strip(), no_speech=False, format_ok=False)
+    if language == _NO_SPEECH:
+        return ParsedOutput(None, text.strip(), no_speech=True, format_ok=True)
+    return ParsedOutput(language, text.strip(), no_speech=False, format_ok=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,27 @@ class Window:
     first_micro: int
     """Index of the first micro-batch of this window within this rank's epoch."""
     micro_batches: tuple[tuple[int, ...], ...]
+
+
+def pack_by_duration(
+    order: Iterable[int], durations: Sequence[float], max_seconds: float, max_size: int
+) -> list[list[int]]:
+    """Cut indices, in the given order, into batches of at most ``max_seconds`` *padded* seconds (count ×
+    longest) and ``max_size`` items, greedily. The one batcher: training packs each shuffled bucket with it,
+    evaluation packs the duration-sorted set."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0.0
+    for idx in order:
+        new_longest = max(longest, durations[idx])
+        if current and ((len(current) + 1) * new_longest > max_seconds or len(current) >= max_size):
+            batches.append(current)
+            current, new_longest = [], durations[idx]
+        current.append(idx)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
 
 
 class DurationWindowSampler:
@@ -94,20 +115,9 @@ class DurationWindowSampler:
             bucket = list(bucket)
             if self.shuffle:
                 rng.shuffle(bucket)
-            current: list[int] = []
-            longest = 0.0
-            for idx in bucket:
-                dur = self.durations[idx]
-                new_longest = max(longest, dur)
-                if current and (
-                    (len(current) + 1) * new_longest > self.max_seconds or len(current) + 1 > self.max_batch_size
-                ):
-                    batches.append(tuple(current))
-                    current, new_longest = [], dur
-                current.append(idx)
-                longest = new_longest
-            if current:
-                batches.append(tuple(current))
+            batches += [
+                tuple(b) for b in pack_by_duration(bucket, self.durations, self.max_seconds, self.max_batch_size)
+            ]
         if self.shuffle:
             rng.shuffle(batches)
         self._plan_cache = (epoch, batches)

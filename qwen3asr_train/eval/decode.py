@@ -22,6 +22,7 @@ from qwen3asr_train.config.schema import DecodeConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
+from qwen3asr_train.data.sampler import pack_by_duration
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,7 @@ def duration_batches(durations: Sequence[float], max_seconds: float, max_size: i
     """Indices sorted by duration, cut into batches of at most ``max_seconds`` padded seconds / ``max_size``
     items. Deterministic, so every rank of a sharded evaluation computes the same plan."""
     order = sorted(range(len(durations)), key=lambda i: (durations[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = max(durations[j] for j in [*current, i])
-        if current and ((len(current) + 1) * longest > max_seconds or len(current) >= max_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return pack_by_duration(order, durations, max_seconds, max_size)
 
 
 def _batches(samples: Sequence[Sample], opts: DecodeOptions) -> list[list[int]]:

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
 import regex
+from rapidfuzz.distance import Levenshtein
 
+from qwen3asr_train.data.prompts import (
+    MALFORMED,
+    ParsedOutput,
+    parse_asr_output,
+    strip_end_tokens,
+)
 from qwen3asr_train.eval.normalize import CHAR_SCRIPT_CLASS, NORMALIZER_VERSION, NormalizerOptions, check_language
 from qwen3asr_train.languages import NO_SPEECH, metric_for_language
 
@@ -38,10 +45,6 @@ Unit = Literal["word", "char", "mixed"]
 UNITS: tuple[str, ...] = ("word", "char", "mixed")
 METRIC_NAMES: dict[str, str] = {"word": "wer", "char": "cer", "mixed": "mer"}
 
-ASR_TEXT_TAG = "<asr_text>"
-END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
-MALFORMED = "<malformed>"
-"""Predicted-language label of an output that failed to parse (used in LID confusions)."""
 
 _MIXED_TOKEN = regex.compile(rf"[{CHAR_SCRIPT_CLASS}]|[^\s{CHAR_SCRIPT_CLASS}]+")
 
@@ -163,54 +166,23 @@ class AlignOp:
 
 
 def align(ref: list[str], hyp: list[str]) -> list[AlignOp]:
-    """Minimum-edit-distance alignment (unit costs) of two token lists.
+    """Minimum-edit-distance alignment (unit costs) of two token lists, by rapidfuzz.
 
-    Own dynamic programme, so that tests can check it against jiwer independently. Common prefixes and
-    suffixes are matched first (cheap, exact for unit costs); ties in the backtrace prefer a
-    substitution, then a deletion, then an insertion.
+    Why rapidfuzz: it is what jiwer (the field's reference scorer) runs, in C++, so our S/D/I split and
+    ``errs`` lines equal jiwer's, including how ties between equally short alignments are broken, and the
+    GSPO reward path no longer runs a Python dynamic programme per completion.
     """
-    start = 0
-    while start < len(ref) and start < len(hyp) and ref[start] == hyp[start]:
-        start += 1
-    end = 0
-    while end < len(ref) - start and end < len(hyp) - start and ref[-1 - end] == hyp[-1 - end]:
-        end += 1
-    r, h = ref[start : len(ref) - end], hyp[start : len(hyp) - end]
-    n, m = len(r), len(h)
-    # back[i][j]: 0 diagonal, 1 deletion (from i-1), 2 insertion (from j-1)
-    prev = list(range(m + 1))
-    back = [bytearray([2] * (m + 1))]
-    for i in range(1, n + 1):
-        cur = [i] + [0] * m
-        row = bytearray(m + 1)
-        row[0] = 1
-        ri = r[i - 1]
-        for j in range(1, m + 1):
-            best, move = prev[j - 1] + (ri != h[j - 1]), 0
-            if prev[j] + 1 < best:
-                best, move = prev[j] + 1, 1
-            if cur[j - 1] + 1 < best:
-                best, move = cur[j - 1] + 1, 2
-            cur[j], row[j] = best, move
-        prev = cur
-        back.append(row)
-    middle: list[AlignOp] = []
-    i, j = n, m
-    while i > 0 or j > 0:
-        move = back[i][j] if i > 0 else 2
-        if move == 0:
-            i, j = i - 1, j - 1
-            middle.append(AlignOp("hit" if r[i] == h[j] else "sub", r[i], h[j]))
-        elif move == 1:
-            i -= 1
-            middle.append(AlignOp("del", r[i], None))
+    ops: list[AlignOp] = []
+    for tag, i1, i2, j1, j2 in Levenshtein.opcodes(ref, hyp):
+        if tag == "equal":
+            ops += [AlignOp("hit", r, r) for r in ref[i1:i2]]
+        elif tag == "replace":
+            ops += [AlignOp("sub", r, h) for r, h in zip(ref[i1:i2], hyp[j1:j2], strict=True)]
+        elif tag == "delete":
+            ops += [AlignOp("del", r, None) for r in ref[i1:i2]]
         else:
-            j -= 1
-            middle.append(AlignOp("ins", None, h[j]))
-    middle.reverse()
-    head = [AlignOp("hit", t, t) for t in ref[:start]]
-    tail = [AlignOp("hit", t, t) for t in ref[len(ref) - end :]]
-    return head + middle + tail
+            ops += [AlignOp("ins", None, h) for h in hyp[j1:j2]]
+    return ops
 
 
 def format_alignment(alignment: Iterable[AlignOp], joiner: str = " ") -> str:
@@ -292,62 +264,6 @@ def score_utterance(
 
 
 # ------------------------------------------------------------------------------------------- parsing
-
-
-@dataclass(frozen=True)
-class ParsedOutput:
-    """A decoded model output split into language and text (text is raw: loops are kept).
-
-    Attributes:
-        language: the language the model wrote (or the forced one); ``None`` for no speech or malformed.
-        text: the transcript, or the whole output when ``format_ok`` is False.
-        no_speech: the model wrote ``language None``.
-        format_ok: the output had the ``language X<asr_text>`` shape (always True when forced).
-        language_forced: the language came from the prompt, so the output says nothing about LID.
-    """
-
-    language: str | None
-    text: str
-    no_speech: bool
-    format_ok: bool
-    language_forced: bool = False
-
-
-def strip_end_tokens(raw: str) -> str:
-    """Remove trailing ``<|im_end|>``/``<|endoftext|>`` tokens and whitespace (any number, any order)."""
-    text = raw.rstrip()
-    while True:
-        for token in END_TOKENS:
-            if text.endswith(token):
-                text = text[: -len(token)].rstrip()
-                break
-        else:
-            return text
-
-
-def parse_asr_output(raw: str, forced_language: str | None = None) -> ParsedOutput:
-    """Split ``language X<asr_text>text`` without touching the text.
-
-    * ``language English<asr_text>hi`` -> ``("English", "hi")``.
-    * ``language None<asr_text>...`` -> no speech (any text after the tag is kept, so it can be scored
-      as a hallucination).
-    * With ``forced_language`` (the prompt already ended in ``language X<asr_text>``) the whole output is
-      text.
-    * Anything else (no ``language `` prefix, no ``<asr_text>`` tag, empty language) is a format error:
-      ``format_ok=False``, ``language=None``, ``text`` = the whole output.
-
-    Unlike upstream ``qwen_asr`` parsing, repetitions are never removed: rewards and WER must see loops.
-    """
-    body = strip_end_tokens(raw)
-    if forced_language is not None:
-        return ParsedOutput(forced_language, body.strip(), no_speech=False, format_ok=True, language_forced=True)
-    head, tag, text = body.partition(ASR_TEXT_TAG)
-    language = head[len("language ") :].strip() if head.startswith("language ") else ""
-    if not tag or not language:
-        return ParsedOutput(None, body.strip(), no_speech=False, format_ok=False)
-    if language == NO_SPEECH:
-        return ParsedOutput(None, text.strip(), no_speech=True, format_ok=True)
-    return ParsedOutput(language, text.strip(), no_speech=False, format_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- repetition
