@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from qwen3asr_train.config.schema import RunConfig
 from qwen3asr_train.data.manifest import SkipReport, Utterance
+from qwen3asr_train.eval.plots import write_run_plots
 from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.model.export import save_model_init, save_native
 from qwen3asr_train.training import CHECKPOINT_DIR, assert_finite_weights, data_fingerprint, prepare_run_dir
@@ -220,6 +221,10 @@ def finish_run(
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if trainer.is_global_zero:
+        try:  # pictures must never fail a finished run
+            written.update({name: str(path) for name, path in write_run_plots(run_dir).items()})
+        except Exception:  # noqa: BLE001 - logged with its traceback, the run's results are already written
+            log.exception("could not draw the run's plots")
         close_run_record(
             run_dir, global_step=int(trainer.global_step), world_size=int(trainer.world_size), written=written
         )

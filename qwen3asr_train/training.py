@@ -33,6 +33,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+from qwen3asr_train.progress import IntervalMeans, logger_writes_after_this_batch, progress_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -730,7 +731,8 @@ def build_trainer(
         mode="max",
         save_on_train_epoch_end=True,
     )
-    callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *extra_callbacks]
+    progress = progress_callbacks(t.enable_progress_bar, every_n_steps=0, every_seconds=30.0)
+    callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *progress, *extra_callbacks]
     logger = build_logger(
         cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from and not Path(resume_from).is_dir() else None
     )
@@ -861,6 +863,7 @@ class StepNormaliser:
     """
 
     def __init__(self) -> None:
+        self.interval = IntervalMeans()
         self._key: tuple[int, int] | None = None
         self._global = 1
         self.sums: dict[str, float] = {}
@@ -889,6 +892,14 @@ class StepNormaliser:
     def window_done(self, batch: dict, trainer: L.Trainer) -> bool:
         """True at the last micro-batch of a window (or of the epoch)."""
         return (batch["position"][1] + 1) % max(batch["window_size"], 1) == 0 or bool(trainer.is_last_batch)
+
+    def log(self, module: L.LightningModule, metrics: Mapping[str, float]) -> None:
+        """Log a window's metrics as means over the logging interval (what ``metrics.csv`` then holds), not the
+        values of the one step Lightning happens to write."""
+        means = self.interval.add(metrics)
+        module.log_dict(means, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        if logger_writes_after_this_batch(module.trainer):
+            self.interval.reset()
 
     def totals(self, module: L.LightningModule) -> tuple[dict[str, float], float]:
         """Window statistics summed over ranks, and the seconds the window took."""

@@ -113,7 +113,7 @@ def test_summary_files(written: tuple[Path, dict[str, Any]]) -> None:
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["sets"] == summary
     assert (out / "error_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "summary.md").read_text(encoding="utf-8")
-    assert table == format_table(summary)
+    assert table == format_table(summary) + "\n![error rate per language](error_rates.png)\n"
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     pairs = {(row[0].removeprefix("| "), row[1]) for row in rows}
     expected = {("en", "English"), ("en", "None"), ("zh", "Chinese"), ("zh", "None"), ("mix", "English")}

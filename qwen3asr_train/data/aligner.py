@@ -96,7 +96,7 @@ def check_word_units(utt: Utterance, language: str | None = None) -> None:
         raise ValueError(
             f"{utt.source or utt.id}: word units of {utt.id!r} differ from split_words(text) at unit {first}: "
             f"manifest {got[first : first + 3]} vs text {expected[first : first + 3]} ({len(got)} vs {len(expected)} "
-            f"units); re-cut the word times with data/textgrid.py or fix the transcript"
+            f"units); re-cut the word times with qwen3asr-data textgrid-to-manifest or fix the transcript"
         )
 
 

@@ -128,18 +128,15 @@ class AlignerModule(SummedValidation, L.LightningModule):
         if self.norm.window_done(batch, self.trainer):
             t, elapsed = self.norm.totals(self)
             n = max(t["slots"], 1.0)
-            self.log_dict(
-                {
-                    "train/loss": t["ce"] / n,
-                    "train/slot_accuracy": t["exact"] / n,
-                    "train/slot_error_ms": t["abs_bins"] / n * SEGMENT_MS,
-                    "train/slots": t["slots"],
-                    **throughput_metrics(t, elapsed, self.trainer),
-                    **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
-                },
-                on_step=True,
-                rank_zero_only=True,
-            )
+            metrics = {
+                "train/loss": t["ce"] / n,
+                "train/slot_accuracy": t["exact"] / n,
+                "train/slot_error_ms": t["abs_bins"] / n * SEGMENT_MS,
+                "train/slots": t["slots"],
+                **throughput_metrics(t, elapsed, self.trainer),
+                **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
+            }
+            self.norm.log(self, metrics)
         loss = sums["ce_sum"] * scale
         if "ctc_sum" in sums:
             loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale

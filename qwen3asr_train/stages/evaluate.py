@@ -70,10 +70,22 @@ def _evaluate_aligner(
         if not sets[name]:
             raise ManifestError(f"evaluation set {name}: no usable rows for alignment", "empty_manifest")
     evaluator = AlignmentEvaluator(processor, sets, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size)
+    evaluator.title = model_title(recipe.model_path)
     metrics = evaluator.evaluate(model, out_dir, write=rank == 0)
     if dist.is_initialized():
         dist.barrier()
     return metrics
+
+
+def model_title(model_path: str | Path) -> str:
+    """What the charts say they show: the model directory, with the training step its weights are from when
+    the export recorded it (``qwen3asr_train_run.json``)."""
+    path = Path(model_path)
+    record = path / "qwen3asr_train_run.json"
+    step = None
+    if record.is_file():
+        step = (json.loads(record.read_text(encoding="utf-8")).get("exported_from") or {}).get("global_step")
+    return f"{path.name or path}" + (f", step {step}" if step is not None else "")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if rank == 0:
         from qwen3asr_train.eval.report import write_reports
 
-        summary = write_reports(out_dir, results)
+        summary = write_reports(out_dir, results, title=model_title(recipe.model_path))
         _write_skips(out_dir, rejects, sets)
         (out_dir / "eval_config.json").write_text(
             json.dumps({"model_path": str(recipe.model_path), "sets": dict(recipe.sets)}, indent=2) + "\n"

@@ -126,8 +126,7 @@ class SFTModule(SummedValidation, L.LightningModule):
         }
         if self.recipe.ctc_weight > 0:
             metrics["train/ctc_loss"] = t["ctc"] / max(t["tokens"], 1.0)
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        self.log("loss", metrics["train/loss"], on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
+        self.norm.log(self, metrics)
 
     # ------------------------------------------------------------------ optimizer, state
     def configure_optimizers(self) -> dict[str, Any]:
