@@ -14,7 +14,7 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
-from qwen3asr_train.config.load import CONFIG_DIR, register_schemas, to_typed
+from qwen3asr_train.config.load import CONFIG_DIR, check_paths, precheck_overrides, register_schemas, to_typed
 from qwen3asr_train.config.schema import ConfigError, RunConfig
 
 log = logging.getLogger("qwen3asr_train")
@@ -22,9 +22,16 @@ log = logging.getLogger("qwen3asr_train")
 
 def _recipes() -> dict[str, Callable[[RunConfig], object]]:
     """Recipe name -> stage entry (imported lazily so ``--help`` and config errors stay fast)."""
-    from qwen3asr_train.stages import aligner, evaluate, export, gspo, sft
+    from qwen3asr_train.stages import aligner, evaluate, export, gspo, sft, transcribe
 
-    return {"sft": sft.run, "export": export.run, "eval": evaluate.run, "gspo": gspo.run, "aligner": aligner.run}
+    return {
+        "sft": sft.run,
+        "export": export.run,
+        "eval": evaluate.run,
+        "gspo": gspo.run,
+        "aligner": aligner.run,
+        "transcribe": transcribe.run,
+    }
 
 
 register_schemas()
@@ -34,6 +41,7 @@ register_schemas()
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         typed = to_typed(cfg)
+        check_paths(typed)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
@@ -42,6 +50,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (``qwen3asr-train``)."""
+    try:
+        precheck_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        sys.exit(2)
     _hydra_main()
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
-from qwen3asr_train.config.schema import LoraConfig
-from qwen3asr_train.model.builder import AsrModel, apply_lora, merge_lora, zero_padded_audio_frames
-from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys, read_config_json
+from qwen3asr_train.config.schema import LoraConfig, ModelConfig
+from qwen3asr_train.model.builder import AsrModel, apply_lora, build_model, merge_lora, zero_padded_audio_frames
+from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys, is_aligner_config, read_config_json
 from qwen3asr_train.model.processor import load_processor
 from qwen3asr_train.training import CHECKPOINT_DIR, CheckpointError, load_checkpoint_file, newest_checkpoint
 
@@ -86,3 +86,23 @@ def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str
     zero_padded_audio_frames(model)  # evaluation from a checkpoint encodes batches as the training run did
     model.eval()
     return model, processor, run_cfg
+
+
+def load_for_inference(path: str | Path, model_cfg: ModelConfig | None = None) -> tuple[AsrModel, Any]:
+    """A model (eval mode) + processor from an exported directory (either layout), a ``.ckpt`` or a run
+    directory (its newest intact checkpoint); ``model_cfg`` supplies dtype and attention."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        base = model_cfg or ModelConfig()
+        cfg = ModelConfig(
+            source="pretrained",
+            path=str(path),
+            task="aligner" if is_aligner_config(read_config_json(path)) else "asr",
+            dtype=base.dtype,
+            attn_implementation=base.attn_implementation,
+        )
+        model, processor = build_model(cfg)
+    else:
+        model, processor, _ = rebuild_from_run(*find_checkpoint(path))
+    model.eval()
+    return model, processor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -722,7 +724,7 @@ def build_trainer(
     checkpoint = GuardedCheckpoint(
         fault,
         dirpath=run_dir / CHECKPOINT_DIR,
-        filename="step={step:08d}",
+        filename="step-{step:08d}",  # no "=": names can be passed in Hydra overrides unquoted
         auto_insert_metric_name=False,
         every_n_train_steps=t.checkpoint_every_n_steps,
         save_last=True,
@@ -732,7 +734,8 @@ def build_trainer(
         save_on_train_epoch_end=True,
     )
     progress = progress_callbacks(t.enable_progress_bar, every_n_steps=0, every_seconds=30.0)
-    callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *progress, *extra_callbacks]
+    configured = [instantiate(dict(spec)) for spec in t.callbacks.values()]  # trainer.callbacks.<name>._target_
+    callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *progress, *configured, *extra_callbacks]
     logger = build_logger(
         cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from and not Path(resume_from).is_dir() else None
     )
@@ -799,11 +802,24 @@ def lr_lambda(step: int, total: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(module: L.LightningModule, cfg: OptimConfig, total_steps: int) -> dict[str, Any]:
-    """AdamW over trainable parameters + per-step LambdaLR (for ``configure_optimizers``)."""
-    optimizer = torch.optim.AdamW(
-        parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, cfg))
+    """The configured optimizer (AdamW by default; ``recipe.optim.optimizer._target_``) over the trainable
+    parameters + a per-step schedule (the built-in warm-up/decay, or ``recipe.optim.scheduler._target_``)."""
+    spec = dict(cfg.optimizer)
+    optimizer_class = get_class(spec.pop("_target_"))
+    accepted = inspect.signature(optimizer_class).parameters
+    kwargs: dict[str, Any] = {"lr": cfg.lr}
+    if "betas" in accepted:
+        kwargs["betas"] = tuple(cfg.betas)
+    if "eps" in accepted:
+        kwargs["eps"] = cfg.eps
+    params = [p for p in module.parameters() if p.requires_grad]
+    if "fused" in accepted and params and all(p.is_cuda and p.is_floating_point() for p in params):
+        kwargs["fused"] = True  # one kernel for the whole update on CUDA
+    optimizer = optimizer_class(parameter_groups(module, cfg.weight_decay), **{**kwargs, **spec})
+    if cfg.scheduler:
+        scheduler = instantiate(dict(cfg.scheduler), optimizer=optimizer)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, cfg))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 

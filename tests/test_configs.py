@@ -25,6 +25,7 @@ REQUIRED = {
     "aligner": ["data.train=x.jsonl", "trainer.max_steps=2"],
     "export": ["recipe.checkpoint=x.ckpt"],
     "eval": ["recipe.model_path=x", "+recipe.sets.test=x.jsonl"],
+    "transcribe": ["recipe.model_path=x", "recipe.inputs=[a.wav]"],
 }
 
 
@@ -76,9 +77,13 @@ def test_cross_field_errors_name_the_key(override, key, tmp_path):
 
 
 def test_every_schema_field_has_a_docstring():
-    tree = ast.parse((REPO / "qwen3asr_train" / "config" / "schema.py").read_text())
     missing = []
-    for node in tree.body:
+    nodes = [
+        node
+        for path in sorted((REPO / "qwen3asr_train" / "config").glob("*.py"))
+        for node in ast.parse(path.read_text()).body
+    ]
+    for node in nodes:
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "dataclass" for d in node.decorator_list):
             body = node.body
             for i, stmt in enumerate(body):

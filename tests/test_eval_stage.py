@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from qwen3asr_train.checkpoints import load_for_inference
 from qwen3asr_train.data.manifest import RowChecks
 from qwen3asr_train.eval.decode import DecodeOptions, decode, decode_distributed
 from qwen3asr_train.eval.hook import load_eval_sets
@@ -115,7 +116,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, manifest: str, out
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model, processor = eval_stage.load_for_eval(model_dir)
+    model, processor = load_for_inference(model_dir)
     checks = RowChecks(languages=LanguageTable())
     samples = load_eval_sets({"dev": manifest}, checks, "error")["dev"]
     results = decode_distributed(model, processor, samples, DecodeOptions(max_batch_size=2))
@@ -130,7 +131,7 @@ def test_decoding_on_two_processes_equals_one(hooked_run, manifest_dir, tmp_path
     manifest = str(manifest_dir / "dev.jsonl")
     out = tmp_path / "two.json"
     mp.spawn(_worker, args=(2, _free_port(), str(model_dir), manifest, str(out)), nprocs=2, join=True)
-    model, processor = eval_stage.load_for_eval(model_dir)
+    model, processor = load_for_inference(model_dir)
     samples = load_eval_sets({"dev": manifest}, RowChecks(languages=LanguageTable()), "error")["dev"]
     one = [r.__dict__ for r in decode(model, processor, samples, DecodeOptions(max_batch_size=2))]
     assert json.loads(out.read_text()) == one

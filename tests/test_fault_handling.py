@@ -242,7 +242,7 @@ def test_cli_sft_sigterm_exits_143_within_a_minute_and_resumes_exactly(manifest_
     sft.run(make_config(tiny_sft_overrides(manifest_dir, full, *common)))
     part = tmp_path / "part"
     cmd = _cli(tiny_sft_overrides(manifest_dir, part, *common), part)
-    rc, seconds, err = _signal_when(cmd, part / "checkpoints" / "step=00000002.ckpt", signal.SIGTERM, tmp_path)
+    rc, seconds, err = _signal_when(cmd, part / "checkpoints" / "step-00000002.ckpt", signal.SIGTERM, tmp_path)
     assert rc == 143, err[-3000:]
     assert seconds < 60
     step = checkpoint_step(part / "checkpoints" / "last.ckpt")
@@ -271,10 +271,10 @@ def test_cli_gspo_signal_and_resume_is_exact(manifest_dir, tmp_path, gspo_uninte
 
     part = tmp_path / "part"
     cmd = _cli(_gspo_overrides(manifest_dir, part), part)
-    rc, seconds, err = _signal_when(cmd, part / "checkpoints" / "step=00000002.ckpt", signum, tmp_path)
+    rc, seconds, err = _signal_when(cmd, part / "checkpoints" / "step-00000002.ckpt", signum, tmp_path)
     assert rc == (143 if signum == signal.SIGTERM else -signal.SIGKILL), err[-3000:]
     assert seconds < 60
-    # a kill can land between step=N.ckpt and last.ckpt: resume_from=auto takes the newest intact file
+    # a kill can land between step-N.ckpt and last.ckpt: resume_from=auto takes the newest intact file
     _, step = newest_checkpoint(part / "checkpoints")
     assert step % 2 == 0 and 2 <= step < 8  # a rollout boundary
     proc = subprocess.run(
@@ -349,7 +349,7 @@ def test_divergence_stops_naming_step_and_utterances_and_keeps_finite_checkpoint
     assert all(i in str(info.value) for i in poison.ids[4])
     # no checkpoint after step 3's (the last finite update); every file is finite; none was rotated away
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "step=00000002.ckpt", "step=00000003.ckpt"]
+    assert names == ["last.ckpt", "step-00000002.ckpt", "step-00000003.ckpt"]
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 3
     for path in (run_dir / "checkpoints").iterdir():
         state = _weights(path)
@@ -475,12 +475,12 @@ def test_damaged_last_falls_back_to_newest_intact_with_a_warning(trained_run_dir
         checkpoint_step(last)
     assert ("empty file" in str(info.value)) == (damage == "empty") and "mmap" not in str(info.value)
     chosen = resolve_resume("last", run_dir)
-    assert chosen == str(run_dir / "checkpoints" / "step=00000003.ckpt")
+    assert chosen == str(run_dir / "checkpoints" / "step-00000003.ckpt")
     assert any(str(last) in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
     assert resolve_resume("auto", run_dir) == chosen
     # export of the run directory skips the damaged file too
     ckpt, _ = find_checkpoint(run_dir)
-    assert ckpt.name == "step=00000003.ckpt"
+    assert ckpt.name == "step-00000003.ckpt"
 
 
 def test_resume_last_without_checkpoint_fails_before_the_model_is_built(manifest_dir, tmp_path):
@@ -514,13 +514,13 @@ def test_stale_temporaries_are_removed_and_no_versioned_duplicates(manifest_dir,
     dead = 2**22 + 12345  # above the default pid_max: no such process
     (ckpts / f"last.ckpt.tmp-{dead}").write_bytes(b"")
     (run_dir / f"export.tmp-{dead}").mkdir()
-    # resume from step 3 while step=00000003.ckpt exists: it is rewritten, not duplicated as -v1
+    # resume from step 3 while step-00000003.ckpt exists: it is rewritten, not duplicated as -v1
     sft.run(
         make_config(
             tiny_sft_overrides(
                 manifest_dir,
                 run_dir,
-                f"recipe.resume_from='{ckpts / 'step=00000003.ckpt'}'",
+                f"recipe.resume_from='{ckpts / 'step-00000003.ckpt'}'",
                 "trainer.checkpoint_every_n_steps=3",
                 "trainer.max_steps=6",
                 "trainer.resume_allow_changes=true",

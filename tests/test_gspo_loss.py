@@ -1,4 +1,4 @@
-"""GSPO math against the specification (shared/reference/gspo_for_asr.md §3) and its invariants (§4).
+"""GSPO math against an independent reference implementation of the paper's equations, and its invariants.
 
 Everything runs in float64 on CPU. The oracle below is copied verbatim from the spec so that the project code is
 checked against an implementation it does not share code with.
@@ -28,7 +28,8 @@ EL, EH = 3e-4, 4e-4
 
 
 # ======================================================================================================================
-# Oracle: copied verbatim from shared/reference/gspo_for_asr.md §3 (reference implementation + cross-check oracles).
+# Oracle: a separate reference implementation of GSPO eqs. 5-7 and 13-14 (+ cross-check oracles), kept apart
+# from qwen3asr_train/rl/gspo.py on purpose.
 # Do not edit; names are prefixed ref_ only where they would clash with the imports above.
 # ======================================================================================================================
 # fmt: off

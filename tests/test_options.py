@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3asr_train.config.schema import ModelConfig
+from qwen3asr_train.config.schema import ConfigError, ModelConfig
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import Utterance
 from qwen3asr_train.data.mix import MixtureRollouts
 from qwen3asr_train.data.prompts import asr_prompt
 from qwen3asr_train.model.builder import build_model
+from qwen3asr_train.rl.rollout import HFGenerateEngine
 from qwen3asr_train.stages import export as export_stage
 from qwen3asr_train.stages import gspo, sft
 from tests.conftest import make_config, tiny_sft_overrides
@@ -144,3 +146,90 @@ def test_gspo_mixture_follows_weights():
     other_rank = MixtureRollouts(sources, batch_size=8, steps_per_rollout=4, seed=0, rank=1)
     assert mix.draw(0) != other_rank.draw(0)  # ranks roll out different utterances
     assert mix.draw(5) == MixtureRollouts(sources, 8, 4, 0, 0).draw(5)  # deterministic per rollout
+
+
+# ------------------------------------------------------------------ pluggable parts by _target_
+class StepCounter(L.Callback):
+    """A user callback named in the config (``trainer.callbacks.<name>._target_``)."""
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+
+
+class CountingEngine(HFGenerateEngine):
+    """A rollout engine named in the config (``recipe.rollout_engine._target_``)."""
+
+    def __init__(self, processor, tag: str = "") -> None:
+        super().__init__(processor)
+        self.tag = tag
+        self.calls = 0
+
+    def generate(self, model, prompts, opts):
+        self.calls += 1
+        return super().generate(model, prompts, opts)
+
+
+def test_optimizer_scheduler_and_callbacks_come_from_targets(manifest_dir, tmp_path):
+    cfg = make_config(
+        tiny_sft_overrides(
+            manifest_dir,
+            tmp_path / "run",
+            "recipe.optim.optimizer._target_=torch.optim.SGD",
+            "+recipe.optim.optimizer.momentum=0.9",
+            "+recipe.optim.scheduler._target_=torch.optim.lr_scheduler.ConstantLR",
+            "+recipe.optim.scheduler.factor=0.5",
+            "+recipe.optim.scheduler.total_iters=100",
+            "+trainer.callbacks.count._target_=tests.test_options.StepCounter",
+            "+trainer.callbacks.count.label=mine",
+            "trainer.max_steps=3",
+        )
+    )
+    module, datamodule, trainer, _ = sft.prepare(cfg)
+    counters = [c for c in trainer.callbacks if isinstance(c, StepCounter)]
+    assert len(counters) == 1 and counters[0].label == "mine"
+    trainer.fit(module, datamodule=datamodule)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    assert isinstance(trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.ConstantLR)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.recipe.optim.lr * 0.5)
+    assert counters[0].steps == 3
+
+
+def test_rollout_engine_comes_from_its_target(manifest_dir, tmp_path):
+    cfg = make_config(
+        [
+            "recipe=gspo",
+            "model=tiny",
+            f"data.train={manifest_dir / 'train.jsonl'}",
+            "trainer=cpu",
+            "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false",
+            "data.num_workers=0",
+            "recipe.group_size=2",
+            "recipe.rollout_batch_size=2",
+            "recipe.steps_per_generation=2",
+            "recipe.rollout_engine._target_=tests.test_options.CountingEngine",
+            "+recipe.rollout_engine.tag=x",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    module, loader, trainer, _ = gspo.prepare(cfg)
+    assert isinstance(module.engine, CountingEngine) and module.engine.tag == "x"
+    trainer.fit(module, train_dataloaders=loader)
+    assert module.engine.calls == 1  # one rollout batch of 2 minibatch steps
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("recipe.optim.optimizer._target_=torch.optim.NoSuchOptimizer", "recipe.optim.optimizer._target_"),
+        ("+trainer.callbacks.x._target_=no_such_module.Thing", "trainer.callbacks.x._target_"),
+    ],
+)
+def test_bad_target_fails_at_start_naming_the_key(manifest_dir, tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_config(tiny_sft_overrides(manifest_dir, tmp_path, override))

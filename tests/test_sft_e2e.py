@@ -49,7 +49,7 @@ def test_cli_run_writes_checkpoints_logs_config_and_export(manifest_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "run.yaml").exists() and json.loads((run_dir / "run.json").read_text())["recipe"]["name"] == "sft"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert "last.ckpt" in ckpts and "step=00000002.ckpt" in ckpts and "step=00000004.ckpt" in ckpts
+    assert "last.ckpt" in ckpts and "step-00000002.ckpt" in ckpts and "step-00000004.ckpt" in ckpts
     assert not [p for p in ckpts if ".tmp-" in p]
     rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     keys = set().union(*(r.keys() for r in rows))

@@ -46,6 +46,10 @@ def resolve_checkpoint_dir(path_or_id: str) -> Path:
         return local
     if local.exists():
         raise CheckpointLayoutError(f"{path_or_id}: is a file, expected a model directory or a hub id")
+    if path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") != 1:
+        raise CheckpointLayoutError(
+            f"{path_or_id}: no such directory (relative to {Path.cwd()}); a hub id looks like Org/Name"
+        )
     from huggingface_hub import snapshot_download
 
     try:

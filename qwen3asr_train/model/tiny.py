@@ -149,7 +149,7 @@ def he_init_audio_convs(model: torch.nn.Module) -> None:
 
     Why: with the default std-0.02 init the conv stack shrinks real features to std ~2e-4 while the
     per-chunk sinusoidal positions added after it have std ~0.5, so a model trained from scratch sees
-    positions, not audio (../shared/reference/learnability.md). Only for models trained from scratch.
+    positions, not audio (docs/decisions.md). Only for models trained from scratch.
     """
     encoder = model.get_submodule("model.audio_tower")
     for name in ("conv2d1", "conv2d2", "conv2d3"):

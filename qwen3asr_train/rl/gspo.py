@@ -1,9 +1,9 @@
 """GSPO objective as pure torch functions: advantages, sequence/token losses, k3 KL.
 
 GSPO is Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071 (v2): eqs. 5-7 (sequence-level
-ratio and clipped objective) and eqs. 13-14 (GSPO-token). The specification is the reference implementation in
-``shared/reference/gspo_for_asr.md`` §3. ``tests/test_gspo_loss.py`` holds a verbatim copy of it and checks that
-these functions match it (loss and gradient) to float64 round-off.
+ratio and clipped objective) and eqs. 13-14 (GSPO-token). ``tests/test_gspo_loss.py`` holds an independent
+reference implementation of those equations (written from the paper, kept in the test) and checks that these
+functions match it (loss and gradient) to float64 round-off.
 
 Choices and deviations, each with its reason:
 

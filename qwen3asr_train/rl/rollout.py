@@ -1,8 +1,7 @@
 """GSPO rollouts: prompts, G sampled transcripts per utterance, and sequence log-probabilities.
 
 Why not ``generate(num_return_sequences=G)`` on the processor output: transformers repeats every input
-tensor G times, ``input_features`` included, so the audio encoder runs G times per utterance
-(../shared/reference/gspo_for_asr.md §5.5). Here the encoder runs once per utterance: the prompt
+tensor G times, ``input_features`` included, so the audio encoder runs G times per utterance. Here the encoder runs once per utterance: the prompt
 embeddings (text embeddings with the projected audio scattered into the ``<|audio_pad|>`` slots) are
 built once and repeated G times, and generation starts from ``inputs_embeds``.
 

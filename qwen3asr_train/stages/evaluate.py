@@ -18,36 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from qwen3asr_train.config.schema import EvalConfig, ModelConfig, RunConfig
+from qwen3asr_train.checkpoints import load_for_inference
+from qwen3asr_train.config.schema import EvalConfig, RunConfig
 from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.data.manifest import ManifestError, SkipReport
 from qwen3asr_train.eval.decode import decode_distributed
 from qwen3asr_train.eval.hook import load_eval_sets
-from qwen3asr_train.model.builder import build_model
-from qwen3asr_train.model.convert import is_aligner_config, read_config_json
 
 log = logging.getLogger(__name__)
-
-
-def load_for_eval(path: str | Path, model_cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, Any]:
-    """A model + processor from an exported directory (either layout), a ``.ckpt`` or a run directory."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        base = model_cfg or ModelConfig()
-        cfg = ModelConfig(
-            source="pretrained",
-            path=str(path),
-            task="aligner" if is_aligner_config(read_config_json(path)) else "asr",
-            dtype=base.dtype,
-            attn_implementation=base.attn_implementation,
-        )
-        model, processor = build_model(cfg)
-    else:
-        from qwen3asr_train.checkpoints import find_checkpoint, rebuild_from_run
-
-        model, processor, _ = rebuild_from_run(*find_checkpoint(path))
-    model.eval()
-    return model, processor
 
 
 def _evaluate_aligner(
@@ -95,7 +73,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     out_dir = Path(recipe.output_dir or cfg.run_dir)
-    model, processor = load_for_eval(recipe.model_path, cfg.model)
+    model, processor = load_for_inference(recipe.model_path, cfg.model)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     rejects = SkipReport()

@@ -30,21 +30,20 @@ def run(cfg: RunConfig) -> dict[str, str]:
     assert_finite_weights(model.named_parameters(), f"an export of {ckpt}")
     run_cfg = {**run_cfg, "exported_from": {"global_step": step, "checkpoint": str(ckpt)}}
     log.info("exporting %s (global step %s)", ckpt, step)
-    out = Path(recipe.output_dir) if recipe.output_dir else run_dir / "export"
+    out = Path(recipe.output_dir) if recipe.output_dir else run_dir / "exports" / f"step-{step or 0:08d}"
+    if recipe.layout == "both":
+        targets = {"native": out / "native", "original": out / "original"}
+    else:
+        targets = {recipe.layout: out}
+    taken = [str(t) for t in targets.values() if t.exists() and any(t.iterdir())]
+    if taken and not recipe.overwrite:
+        raise FileExistsError(
+            f"recipe.output_dir: {', '.join(taken)} already holds an export; choose another "
+            f"recipe.output_dir or set recipe.overwrite=true"
+        )
     dtype = torch.bfloat16 if recipe.dtype == "bfloat16" else torch.float32
-    written = {}
-    if recipe.layout in {"native", "both"}:
-        written["native"] = str(
-            save_native(
-                model, processor, out / "native" if recipe.layout == "both" else out, dtype=dtype, run_config=run_cfg
-            )
-        )
-    if recipe.layout in {"original", "both"}:
-        written["original"] = str(
-            save_original(
-                model, processor, out / "original" if recipe.layout == "both" else out, dtype=dtype, run_config=run_cfg
-            )
-        )
+    savers = {"native": save_native, "original": save_original}
+    written = {k: str(savers[k](model, processor, t, dtype=dtype, run_config=run_cfg)) for k, t in targets.items()}
     for key, value in written.items():
         log.info("exported %s layout: %s", key, value)
     return written

@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.utils import instantiate
 
 from qwen3asr_train import spine
 from qwen3asr_train.config.schema import GSPOConfig, RunConfig
@@ -40,7 +41,6 @@ from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.rl import gspo as gspo_math
 from qwen3asr_train.rl.rewards import CompositeReward, RewardInput
 from qwen3asr_train.rl.rollout import (
-    HFGenerateEngine,
     RolloutEngine,
     Rollouts,
     SamplingOptions,
@@ -331,7 +331,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
         model,
         processor,
         recipe,
-        HFGenerateEngine(processor),
+        instantiate(dict(recipe.rollout_engine), processor=processor),
         CompositeReward(recipe.rewards),
         sampling,
         max(cfg.trainer.max_steps, 1),

@@ -1,0 +1,386 @@
+"""``recipe.*`` of each stage (sft, gspo, aligner, eval, export) and ``evaluation.*`` (the periodic hook)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from qwen3asr_train.config.base import _as_list, _require, _require_target
+
+
+# ------------------------------------------------------------------------------------------- recipes
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then decay."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (overrides warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.02
+    """Warm-up as a fraction of the run's optimizer steps."""
+    schedule: str = "cosine"
+    """Decay after warm-up: ``cosine``, ``linear`` or ``constant``."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of the peak learning rate."""
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW"})
+    """The optimizer class as ``_target_`` (import path) plus extra keyword arguments; it is called with the
+    parameter groups, ``lr`` and, where it takes them, ``betas``/``eps`` (and ``fused=True`` on CUDA), e.g.
+    ``recipe.optim.optimizer._target_=torch.optim.SGD +recipe.optim.optimizer.momentum=0.9``."""
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    """Empty: the built-in warm-up + ``schedule`` decay. Otherwise ``_target_`` of a scheduler class or factory,
+    called with the optimizer and the other keys, e.g. ``transformers.get_cosine_schedule_with_warmup``."""
+
+    def validate(self) -> None:
+        _require_target(self.optimizer, "recipe.optim.optimizer")
+        if self.scheduler:
+            _require_target(self.scheduler, "recipe.optim.scheduler")
+        _require(self.lr > 0, "recipe.optim.lr", "must be positive")
+        _require(
+            self.schedule in {"cosine", "linear", "constant"}, "recipe.optim.schedule", "must be cosine|linear|constant"
+        )
+        _require(0.0 <= self.warmup_ratio < 1.0, "recipe.optim.warmup_ratio", "must be in [0, 1)")
+        _require(len(self.betas) == 2, "recipe.optim.betas", "needs two values")
+
+
+@dataclass
+class SFTAugmentation:
+    """Per-row SFT augmentations (read by ``data/collate.py``'s ``SFTOptions``, which adds only the seed)."""
+
+    forced_language_prob: float = 0.0
+    """Probability that a row's ``language X<asr_text>`` moves into the prompt (not trained), as in forced-language inference."""
+    context_prob: float = 0.0
+    """Probability that a row without manifest context gets hot words (from its transcript + distractors) in the system turn."""
+    manifest_context_prob: float = 1.0
+    """Probability of using a row's own manifest ``context`` when it has one."""
+    hotwords_max: int = 3
+    """Most hot words taken from the transcript."""
+    distractors_max: int = 5
+    """Most distractor words taken from other transcripts."""
+    no_speech_prob: float = 0.0
+    """Probability that a row becomes a no-speech row (silence or noise of the same length; target ``language None<asr_text>``)."""
+
+
+@dataclass
+class SFTConfig(SFTAugmentation):
+    """Supervised fine-tuning on ``language X<asr_text>text<|im_end|>`` targets."""
+
+    name: str = "sft"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    ctc_weight: float = 0.0
+    """Auxiliary CTC loss weight on the projector output (helps models trained from scratch; 0 = off)."""
+    resume_from: str | None = None
+    """Checkpoint to resume: ``auto`` (the newest intact checkpoint of this run directory, or a fresh start),
+    ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""
+    export_on_end: bool = True
+    """Write a transformers-native export of the final weights to ``<run_dir>/export``."""
+
+    def validate(self) -> None:
+        for key in ("forced_language_prob", "context_prob", "manifest_context_prob", "no_speech_prob"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, f"recipe.{key}", "is a probability: must be in [0, 1]")
+        _require(self.ctc_weight >= 0.0, "recipe.ctc_weight", "must be >= 0")
+        _require(
+            self.hotwords_max >= 1 and self.distractors_max >= 0,
+            "recipe.hotwords_max",
+            "needs hotwords_max >= 1 and distractors_max >= 0",
+        )
+
+
+@dataclass
+class ExportConfig:
+    """Turn a training checkpoint into a self-contained model directory."""
+
+    name: str = "export"
+    """Recipe name (selects the stage)."""
+    checkpoint: str = MISSING
+    """A Lightning ``.ckpt`` file, or a run directory (its ``checkpoints/last.ckpt`` is used)."""
+    output_dir: str | None = None
+    """Where to write (default: ``<training run>/exports/step-<N>``, beside, never inside, the end-of-run ``export/``)."""
+    overwrite: bool = False
+    """Replace an existing export folder (refused otherwise, so an export never silently replaces another)."""
+    layout: str = "native"
+    """``native`` (transformers ``-hf`` layout), ``original`` (thinker layout read by qwen-asr and vLLM) or ``both``."""
+    dtype: str = "float32"
+    """Dtype of the saved weights (float32 or bfloat16)."""
+
+    def validate(self) -> None:
+        _require(self.layout in {"native", "original", "both"}, "recipe.layout", "must be native|original|both")
+        _require(self.dtype in {"float32", "bfloat16"}, "recipe.dtype", "must be float32|bfloat16")
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding for evaluation (see ``eval/decode.py``)."""
+
+    max_batch_seconds: float = 240.0
+    """Padded audio seconds per decoding batch."""
+    max_batch_size: int = 32
+    """Utterances per decoding batch."""
+    num_beams: int = 1
+    """1 = greedy, > 1 = beam search."""
+    tokens_per_second: float = 8.0
+    """Generation budget per second of audio (bounds runaway loops)."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound."""
+    max_new_tokens_cap: int = 4096
+    """Hard upper bound on generated tokens."""
+    forced_language: bool = False
+    """Prefill ``language X<asr_text>`` with the reference language."""
+    use_context: bool = True
+    """Use the manifest's context in the system turn."""
+
+    def validate(self) -> None:
+        _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
+        _require(self.tokens_per_second > 0, "decode.tokens_per_second", "must be positive")
+
+
+@dataclass
+class EvalHookConfig:
+    """Decode named validation sets during training and log WER/CER, LID accuracy, S/D/I (every stage)."""
+
+    sets: dict[str, str] = field(default_factory=dict)
+    """Set name -> manifest path, e.g. ``evaluation.sets.dev=dev.jsonl`` (empty: the hook is off)."""
+    every_n_steps: int = 0
+    """Decode every N optimizer steps (0: only at the end of training)."""
+    at_end: bool = True
+    """Also decode when training ends."""
+    max_utterances: int = 0
+    """Decode at most this many utterances per set (0: all)."""
+    monitor: str | None = None
+    """Metric key to track the best checkpoint by (e.g. ``val/dev/wer``); None: no best-checkpoint tracking."""
+    monitor_mode: str = "min"
+    """``min`` or ``max`` for ``monitor``."""
+    samples_to_log: int = 3
+    """Reference/hypothesis pairs logged per set (text logs; tables on wandb)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding options."""
+
+    def validate(self) -> None:
+        _require(self.every_n_steps >= 0, "evaluation.every_n_steps", "must be >= 0")
+        _require(self.monitor_mode in {"min", "max"}, "evaluation.monitor_mode", "must be min|max")
+
+
+@dataclass
+class EvalConfig:
+    """``recipe=eval``: decode and score a checkpoint on one or more manifests."""
+
+    name: str = "eval"
+    """Recipe name (selects the stage)."""
+    model_path: str = MISSING
+    """An exported model directory (native or original layout), a ``.ckpt`` file or a training run directory."""
+    sets: dict[str, str] = field(default_factory=dict)
+    """Set name -> manifest path (``recipe.sets.test=test.jsonl``)."""
+    output_dir: str | None = None
+    """Where artifacts go (default: the run directory)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding options."""
+
+    def validate(self) -> None:
+        _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. +recipe.sets.test=test.jsonl")
+
+
+@dataclass
+class MixSourceConfig:
+    """One source of the GSPO data mix."""
+
+    manifests: Any = None
+    """Manifest path(s) of this source."""
+    weight: float = 1.0
+    """Sampling weight (normalised over sources): e.g. 35/35/30 for speech/multilingual/functional."""
+
+    def validate(self) -> None:
+        self.manifests = _as_list(self.manifests, "recipe.mix.<name>.manifests")
+        _require(bool(self.manifests), "recipe.mix.<name>.manifests", "each mix source needs a manifest")
+        _require(self.weight > 0, "recipe.mix.<name>.weight", "must be positive")
+
+
+DEFAULT_REWARD_WEIGHTS: dict[str, float] = {
+    "accuracy": 1.0,
+    "language_id": 0.25,
+    "no_speech": 1.0,
+    "repetition": 1.0,
+    "truncation": 1.0,
+    "format": 0.5,
+    "keyword_recall": 0.25,
+}
+"""GSPO reward weights (names in ``rl/rewards.py``'s registry); the only declaration, ``CompositeReward`` reads it."""
+
+
+def _default_reward_weights() -> dict[str, float]:
+    return dict(DEFAULT_REWARD_WEIGHTS)
+
+
+@dataclass
+class GSPOSampling:
+    """How GSPO rollouts are sampled (read by ``rl/rollout.py``'s ``SamplingOptions``, which adds only the seed)."""
+
+    group_size: int = 8
+    """G: sampled transcripts per utterance."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs use logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    tokens_per_second: float = 8.0
+    """``max_new_tokens`` per second of the longest clip in a rollout batch."""
+    min_new_tokens: int = 16
+    """Budget added to the duration bound."""
+    forced_language_prob: float = 0.0
+    """Probability that a rollout prompt forces the reference language."""
+    context_prob: float = 0.0
+    """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
+
+
+@dataclass
+class GSPOConfig(GSPOSampling):
+    """GSPO reinforcement learning with WER/CER rewards (equations and defaults: docs/stages.md)."""
+
+    name: str = "gspo"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.05, schedule="constant"))
+    """Optimizer and schedule (lr 1e-6 constant after 5% warm-up, as in TRL/verl GSPO examples)."""
+    rollout_batch_size: int = 8
+    """Utterances per rollout batch on each rank (× G completions)."""
+    steps_per_generation: int = 4
+    """Minibatches (optimizer steps) each rollout batch is split into; > 1 makes updates off-policy (the paper: 4)."""
+    num_iterations: int = 1
+    """Passes over each rollout batch."""
+    loss: str = "gspo"
+    """``gspo`` (sequence ratio), ``gspo_token`` (GSPO-token) or ``grpo`` (token-level ratio, for ablation)."""
+    eps_low: float = 3e-4
+    """Lower clip range of the ratio (paper: 3e-4; GRPO typically 0.2)."""
+    eps_high: float = 4e-4
+    """Upper clip range (paper: 4e-4; GRPO typically 0.27)."""
+    advantage_scale: str = "group"
+    """``group`` ((r−mean)/std per group), ``batch`` (centred per group, std over the batch) or ``none``."""
+    advantage_eps: float = 1e-4
+    """Added to the std."""
+    drop_zero_variance: bool = False
+    """Skip groups whose rewards are all equal (their advantages are exactly 0 anyway)."""
+    kl_beta: float = 0.0
+    """KL-to-reference weight (k3 estimator); 0 = no reference model is loaded."""
+    rewards: dict[str, float] = field(default_factory=_default_reward_weights)
+    """Reward name (or dotted import path of a custom reward) -> weight."""
+    mix: dict[str, Any] = field(default_factory=dict)
+    """Named data sources ``{name: {manifests, weight}}`` (checked as :class:`MixSourceConfig`; empty: ``data.train``);
+    e.g. ``+recipe.mix.speech.manifests=a.jsonl +recipe.mix.speech.weight=70``."""
+    rollout_engine: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "qwen3asr_train.rl.rollout.HFGenerateEngine"}
+    )
+    """The rollout engine as ``_target_`` (+ keyword arguments); built with ``processor=``. It implements
+    ``rl.rollout.RolloutEngine`` (``generate``, ``sync_weights``): transformers ``generate`` by default."""
+    resume_from: str | None = None
+    """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
+    export_on_end: bool = True
+    """Write a transformers-native export to ``<run_dir>/export`` at the end."""
+
+    def validate(self) -> None:
+        _require_target(self.rollout_engine, "recipe.rollout_engine")
+        sources = {}
+        for name, value in self.mix.items():
+            if isinstance(value, MixSourceConfig):
+                source = value
+            else:
+                unknown = set(value) - {"manifests", "weight"}
+                _require(not unknown, f"recipe.mix.{name}", f"unknown keys {sorted(unknown)} (use manifests, weight)")
+                source = MixSourceConfig(**value)
+            source.validate()
+            sources[name] = source
+        self.mix = sources
+        _require(self.group_size >= 2, "recipe.group_size", "needs >= 2 completions per utterance")
+        _require(
+            self.rollout_batch_size % self.steps_per_generation == 0,
+            "recipe.steps_per_generation",
+            "must divide recipe.rollout_batch_size because the members of a group stay in one minibatch",
+        )
+        _require(self.num_iterations >= 1, "recipe.num_iterations", "must be >= 1")
+        _require(self.loss in {"gspo", "gspo_token", "grpo"}, "recipe.loss", "must be gspo|gspo_token|grpo")
+        _require(
+            self.advantage_scale in {"group", "batch", "none"}, "recipe.advantage_scale", "must be group|batch|none"
+        )
+        _require(0 < self.eps_low < 1 and self.eps_high > 0, "recipe.eps_low", "clip ranges must be in (0, 1)")
+        _require(self.kl_beta >= 0, "recipe.kl_beta", "must be >= 0")
+        _require(self.temperature > 0, "recipe.temperature", "must be positive")
+        _require(bool(self.rewards), "recipe.rewards", "needs at least one reward")
+        for key in ("forced_language_prob", "context_prob"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"recipe.{key}", "is a probability")
+
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps made from one rollout batch."""
+        return self.steps_per_generation * self.num_iterations
+
+
+@dataclass
+class AlignerConfig:
+    """Forced-aligner training: non-shifted cross-entropy over 80 ms time bins at ``<timestamp>`` slots."""
+
+    name: str = "aligner"
+    """Recipe name (selects the stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    slot_prob: float = 0.5
+    """Dynamic slot insertion: each word gets its start/end slots with this probability (>= 1 word per sample)."""
+    ctc_weight: float = 0.0
+    """Auxiliary CTC of the word tokens on the projected audio states, through the input embeddings
+    (training only, no extra weights; helps aligners trained from scratch). Normalised like the slot CE."""
+    time_shift_seconds: float = 0.0
+    """Augmentation: move each training clip by U(-s, s) seconds, fresh per epoch (silence prepended or
+    leading audio trimmed, never into the first word; word times follow). 0 = off."""
+    label_sigma_bins: float = 0.0
+    """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
+    concat_max_seconds: float = 0.0
+    """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
+    concat_gap_seconds: float = 0.0
+    """Silence inserted between concatenated utterances."""
+    on_unit_mismatch: str = "error"
+    """A manifest whose words differ from the aligner's word units of its text: ``error`` or ``skip`` (counted)."""
+    resume_from: str | None = None
+    """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
+    export_on_end: bool = True
+    """Write a transformers-native export to ``<run_dir>/export`` at the end."""
+
+    def validate(self) -> None:
+        _require(0.0 < self.slot_prob <= 1.0, "recipe.slot_prob", "must be in (0, 1]")
+        _require(
+            self.concat_max_seconds >= 0 and self.concat_gap_seconds >= 0, "recipe.concat_max_seconds", "must be >= 0"
+        )
+        _require(self.on_unit_mismatch in {"error", "skip"}, "recipe.on_unit_mismatch", "must be error|skip")
+        _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
+        _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
+        _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
+
+
+@dataclass
+class TranscribeConfig:
+    """``recipe=transcribe``: run an export or a run directory on audio files, folders or manifests."""
+
+    name: str = "transcribe"
+    """Recipe name (selects the stage)."""
+    model_path: str = MISSING
+    """An exported model directory (either layout), a ``.ckpt`` file or a training run directory."""
+    inputs: list[str] = field(default_factory=list)
+    """Audio files, folders of audio files, or manifests (``recipe.inputs=[a.wav,dir/]``)."""
+    text: str | None = None
+    """Forced aligner, plain audio inputs: the transcript to align (manifests carry their own ``text``)."""
+    language: str | None = None
+    """Forced aligner, plain audio inputs: the transcript's language (name or ISO code)."""
+    output_dir: str | None = None
+    """Where ``transcripts.jsonl`` / ``alignments.jsonl`` (+ ``textgrids/``) go (default: the run directory)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding options."""
+
+    def validate(self) -> None:
+        self.inputs = _as_list(self.inputs, "recipe.inputs")
+        _require(bool(self.inputs), "recipe.inputs", "name audio files, folders or manifests, e.g. recipe.inputs=a.wav")
