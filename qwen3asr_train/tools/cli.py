@@ -6,6 +6,13 @@ Subcommands (each has ``--help``):
 * ``mfa-layout``            manifest with word times -> MFA-style corpus + TextGrids (plays ``mfa align``)
 * ``textgrid-to-manifest``  MFA corpus + TextGrids -> aligner-training manifest in the aligner's word units
 * ``validate``              check manifests the way training reads them; clean manifest, rejects, summary
+* ``import-table``          folder of audio + CSV/TSV transcripts -> manifest + rejects
+* ``import-kaldi``          Kaldi data dir (wav.scp, text, segments, utt2lang) -> manifest + rejects
+* ``segment``               long recordings -> segments at given times or at low-energy points
+* ``import-hf``             HF datasets (save_to_disk folder or hub name) -> manifest + rejects
+* ``import-lhotse``         Lhotse cuts / recordings + supervisions -> manifest + rejects
+* ``export-lhotse``         manifest -> Lhotse recordings, supervisions, cuts
+* ``report``                hours per language, duration histogram, text lengths, unusual characters
 
 Why one command: ``data_tools/`` and ``recipes/`` are not in the wheel, so a ``pip install`` user had the
 library but no way to run the data steps the README describes. Every subcommand prints its result as JSON on
@@ -27,6 +34,8 @@ from typing import Any
 
 # Only light modules here: `--help` must not pay for importing torch (data.manifest/data.audio import it).
 from qwen3asr_train.config.schema import DataConfig
+from qwen3asr_train.tools.import_cli import add_import_commands
+from qwen3asr_train.tools.import_cli import user_errors as _import_user_errors
 from qwen3asr_train.tools.mfa_layout import LayoutError, manifest_to_mfa_layout
 from qwen3asr_train.tools.synthetic import VOCABULARIES, EspeakUnavailableError, make_corpus
 from qwen3asr_train.tools.textgrid import UNK_POLICIES, TextGridError, mfa_corpus_to_manifest
@@ -41,7 +50,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Bad input the user can fix (reported in one line); anything else is a bug and keeps its traceback."""
     from qwen3asr_train.data.manifest import ManifestError
 
-    return (LayoutError, TextGridError, ManifestError, EspeakUnavailableError, FileNotFoundError)
+    return (
+        LayoutError,
+        TextGridError,
+        ManifestError,
+        EspeakUnavailableError,
+        FileNotFoundError,
+        *_import_user_errors(),
+    )
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -257,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when any row is rejected")
     _log_level(p, "INFO")
     p.set_defaults(func=cmd_validate)
+
+    add_import_commands(sub)
     return parser
 
 
