@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install sysdeps test test-slow test-all test-gpu test-compat compat-venv lint format demo clean
+.PHONY: help install sysdeps test test-slow test-all test-gpu test-compat compat-venv lint format demo clean clean-exp
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,8 +64,11 @@ format: install ## apply ruff formatting
 	$(VENV)/bin/ruff format qwen3asr_train tests data_tools
 	$(VENV)/bin/ruff check --fix qwen3asr_train tests data_tools
 
-demo: install ## offline demo: synthetic speech -> tiny model SFT -> held-out WER before/after -> export
+demo: install ## offline demo: synthetic speech -> small model (~0.6M params) SFT -> held-out WER before/after -> export
 	bash recipes/demo_sft/run.sh
 
-clean: ## remove build outputs (keeps .venv)
-	rm -rf outputs exp .pytest_cache .ruff_cache
+clean: ## remove caches and outputs/ (keeps .venv and exp/, which holds the recipes' corpora and runs)
+	rm -rf outputs .pytest_cache .ruff_cache build *.egg-info
+
+clean-exp: ## remove exp/ (the demo's and recipes' corpora, checkpoints and exports: hours of CPU to remake)
+	rm -rf exp

@@ -8,7 +8,9 @@ Distributed runs use the same command: the strategy is a ``trainer=`` config, ne
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Callable
 
 import hydra
@@ -36,6 +38,36 @@ def _recipes() -> dict[str, Callable[[RunConfig], object]]:
 
 register_schemas()
 
+THIRD_PARTY_NOISE = (
+    "litlogger",  # Lightning's advertisement on every run
+    "The number of training batches",  # we log per optimizer-step window, not per Lightning interval
+    "isinstance(treespec, LeafSpec)` is deprecated",  # Lightning vs torch 2.14 internals
+    "Setting accelerator to CPU",  # DeepSpeed's import-time notice on machines without CUDA
+)
+"""Messages from other packages that say nothing to our users (our own warnings are never filtered)."""
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in THIRD_PARTY_NOISE)
+
+
+def quiet_third_party_logs() -> None:
+    """One line per message, and none of the known noise.
+
+    Lightning attaches its own console handler to ``lightning.pytorch``/``lightning.fabric`` when imported
+    before logging is configured, and Hydra then adds the root handler: every Lightning line came out twice.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+    for noise in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(noise)}.*")
+
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
@@ -45,7 +77,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
-    _recipes()[typed.recipe.name](typed)
+    stage = _recipes()[typed.recipe.name]  # imports Lightning, which attaches its own console handler
+    quiet_third_party_logs()
+    stage(typed)
 
 
 def main() -> None:

@@ -767,6 +767,7 @@ def build_trainer(
         logger=logger,
         callbacks=callbacks,
         plugins=plugins,
+        enable_model_summary=False,  # its table reports FLOPs 0; build_model logs parameter counts
     )
 
 

@@ -94,3 +94,23 @@ def test_run_directory_records_commit_versions_times_and_checkpoint_names_need_n
     assert record["started"] and record["ended"] and record["world_size"] == 1 and record["global_step"] == 4
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names and all("=" not in n for n in names), names
+
+
+@pytest.mark.slow
+def test_a_cli_run_prints_each_line_once_and_no_third_party_noise(manifest_dir, tmp_path):
+    from qwen3asr_train.__main__ import THIRD_PARTY_NOISE
+
+    args = [a for a in tiny_sft_overrides(manifest_dir, tmp_path / "run") if not a.startswith("run_dir=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen3asr_train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split("] - ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert not [n for n in THIRD_PARTY_NOISE if n in proc.stdout + proc.stderr]
+    seed_lines = [line for line in lines if "Seed set to" in line]
+    assert len(seed_lines) == 1, seed_lines  # Lightning's own handler used to print every line a second time
+    assert any("step 4/4 (100.0%)" in line and "ETA" in line for line in lines)

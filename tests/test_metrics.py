@@ -364,3 +364,18 @@ def test_tag_loop_is_a_format_error() -> None:
     assert not looped.format_ok and looped.language is None
     assert parse_asr_output("<asr_text>" * 35).format_ok is False
     assert parse_asr_output("language English<asr_text>hello <asr_text>").format_ok is False
+
+
+def test_undecodable_bytes_are_shown_as_such(tiny_model_and_processor) -> None:
+    """A lone byte token that starts a character reads as ``\\xNN``, not U+FFFD; whole characters are unchanged."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from qwen3asr_train.eval.decode import decode_readable
+
+    tok = tiny_model_and_processor[1].tokenizer
+    ids = tok.encode("你好 hi", add_special_tokens=False)
+    assert decode_readable(tok, ids) == tok.decode(ids) == "你好 hi"
+    lone = tok.convert_tokens_to_ids(bytes_to_unicode()[0xE4])  # first of the 3 bytes of 你
+    broken = [lone, *tok.encode(" hi", add_special_tokens=False)]
+    assert "\ufffd" in tok.decode(broken)
+    assert decode_readable(tok, broken) == "\\xe4 hi"

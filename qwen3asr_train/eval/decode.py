@@ -9,10 +9,12 @@ text``); scoring parses them without repairing repetitions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,42 @@ class DecodeResult:
     truncated: bool
     forced_language: str | None = None
     dialect: str | None = None
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def decode_readable(tokenizer: Any, ids: Sequence[int]) -> str:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, except that bytes which do not form UTF-8 characters
+    are shown as ``\\xNN`` instead of U+FFFD.
+
+    Why: an untrained or confused model emits byte tokens that split characters; ``decode`` turns each into
+    "\ufffd", which hides what the model wrote (and reads as garbage in the logged samples).
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in text:
+        return text
+    special = set(tokenizer.all_special_ids)
+    added = tokenizer.get_added_vocab()
+    decoder = _byte_decoder()
+    pieces: list[str] = []
+    pending = bytearray()
+    for token_id in ids:
+        if token_id in special:
+            continue
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+        if token in added or any(c not in decoder for c in token):
+            pieces.append(pending.decode("utf-8", errors="backslashreplace"))
+            pending.clear()
+            pieces.append(token)
+        else:
+            pending += bytes(decoder[c] for c in token)
+    pieces.append(pending.decode("utf-8", errors="backslashreplace"))
+    return "".join(pieces)
 
 
 def duration_batches(durations: Sequence[float], max_seconds: float, max_size: int) -> list[list[int]]:
@@ -101,7 +139,7 @@ def decode(
             for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
                 ids = new[k].tolist()
                 finished = any(t in end_ids for t in ids)
-                text = tok.decode(ids, skip_special_tokens=True)
+                text = decode_readable(tok, ids)
                 results[i] = DecodeResult(
                     id=row.utt.id,
                     language=row.utt.language,
