@@ -15,12 +15,12 @@ from qwen3asr_train.eval.alignment import (
     _tier_entries,
     decode_slots,
     energy_baseline,
-    plot_alignment,
     slots_to_spans,
     uniform_baseline,
     write_alignments_json,
     write_textgrid,
 )
+from qwen3asr_train.eval.plots import plot_alignment
 
 TS = 7  # <timestamp> id in the hand-made batches
 PAD = 0

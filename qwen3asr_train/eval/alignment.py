@@ -204,47 +204,6 @@ def write_textgrid(
     return path
 
 
-def plot_alignment(
-    path: str | Path,
-    audio: np.ndarray,
-    words: Sequence[str],
-    pred: Sequence[Span],
-    ref: Sequence[Span] | None = None,
-    title: str = "",
-    sample_rate: int = SAMPLE_RATE,
-) -> Path:
-    """PNG of the waveform with reference (green, solid) and predicted (red, dashed) word boundaries.
-
-    Uses a bare ``Figure`` with the Agg canvas, so no GUI backend or global pyplot state is touched.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(max(6.0, len(audio) / sample_rate * 2.0), 3.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(np.arange(len(audio)) / sample_rate, audio, color="0.6", linewidth=0.5)
-    top = float(np.abs(audio).max()) if len(audio) else 1.0
-    for spans, color, style, y in ((ref, "tab:green", "-", 1.07), (pred, "tab:red", "--", -1.07)):
-        if spans is None:
-            continue
-        for word, (start, end) in zip(words, spans, strict=True):
-            ax.axvline(start, color=color, linestyle=style, linewidth=0.8)
-            ax.axvline(end, color=color, linestyle=style, linewidth=0.8, alpha=0.5)
-            ax.text((start + end) / 2, y * top, word, color=color, ha="center", va="center", fontsize=7)
-    ax.set_ylim(-1.15 * top, 1.15 * top)  # word labels above (reference) and below (predicted) the waveform
-    ax.set_xlabel("seconds")
-    ax.set_title(title or "reference (green) vs predicted (red) word boundaries", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return path
-
-
-# --------------------------------------------------------------------------------------------- baselines
-
-
 def _spread(words: Sequence[str], start: float, end: float) -> list[Span]:
     """Contiguous spans over [start, end], each proportional to its word's character count."""
     weights = np.array([max(len(w), 1) for w in words], dtype=np.float64)

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,26 +24,13 @@ from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
 from qwen3asr_train.data.sampler import pack_by_duration
+from qwen3asr_train.eval.report import DecodeResult
 
 log = logging.getLogger(__name__)
 
 
 DecodeOptions = DecodeConfig
 """Decoding options are the ``DecodeConfig`` schema itself (``evaluation.decode`` / ``recipe.decode``)."""
-
-
-@dataclass
-class DecodeResult:
-    """One decoded utterance (``language`` is the reference language; None = no speech)."""
-
-    id: str
-    language: str | None
-    reference: str
-    hypothesis: str
-    audio_seconds: float
-    truncated: bool
-    forced_language: str | None = None
-    dialect: str | None = None
 
 
 @functools.cache

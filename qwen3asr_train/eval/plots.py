@@ -443,22 +443,14 @@ def alignment_figure(
     return fig
 
 
-def plot_alignment(
-    path: str | Path,
-    audio: np.ndarray,
-    words: Sequence[str],
-    pred: Sequence[Span],
-    ref: Sequence[Span] | None = None,
-    title: str = "",
-    sample_rate: int = 16000,
-) -> Path:
+def plot_alignment(path: str | Path, *figure_args: Any, **figure_kwargs: Any) -> Path:
     """Waveform with the reference (green, above) and predicted (red, below) word spans as shaded boxes.
 
     Each lane stacks its labels on as many rows as needed so that no two labels overlap (rows are planned
     from the label widths, then the drawn labels are measured and moved if the plan was short); a legend
     names the lanes.
     """
-    return _save(alignment_figure(audio, words, pred, ref, title, sample_rate), Path(path))
+    return _save(alignment_figure(*figure_args, **figure_kwargs), Path(path))
 
 
 LABEL_ROW = 0.3

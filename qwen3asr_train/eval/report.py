@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qwen3asr_train.eval.metrics import (
     METRIC_NAMES,
@@ -63,10 +63,23 @@ from qwen3asr_train.eval.metrics import (
 from qwen3asr_train.eval.normalize import NORMALIZER_VERSION, NormalizerOptions, check_language
 from qwen3asr_train.languages import NO_SPEECH
 
-if TYPE_CHECKING:  # decode.py pulls in torch/transformers; reporting and re-scoring must not need them
-    from qwen3asr_train.eval.decode import DecodeResult
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeResult:
+    """One decoded utterance (``language`` is the reference language; None = no speech). Defined here, not in
+    ``decode.py``, so reports and re-scoring need no torch."""
+
+    id: str
+    language: str | None
+    reference: str
+    hypothesis: str
+    audio_seconds: float
+    truncated: bool
+    forced_language: str | None = None
+    dialect: str | None = None
+
 
 _ESCAPE = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _UNESCAPE = re.compile(r"\\([\\nrt])")
@@ -155,7 +168,7 @@ class UtteranceRecord:
 
 
 def _score_one(
-    aggregator: MetricAggregator, set_name: str, result: DecodeResult | _Row, parsed: ParsedOutput
+    aggregator: MetricAggregator, set_name: str, result: DecodeResult, parsed: ParsedOutput
 ) -> UtteranceRecord:
     language = check_language(result.language)
     score = aggregator.add(set_name, language, result.reference, parsed)
@@ -482,20 +495,6 @@ def write_reports(
 # ---------------------------------------------------------------------------------------- re-scoring
 
 
-@dataclass(frozen=True)
-class _Row:
-    """The DecodeResult fields re-scoring needs (duck-typed, so torch is not imported)."""
-
-    id: str
-    language: str | None
-    reference: str
-    hypothesis: str
-    audio_seconds: float
-    truncated: bool
-    forced_language: str | None
-    dialect: str | None
-
-
 def rescore_recogs(path: str | Path) -> dict[str, dict[str, Any]]:
     """Recompute ``{set: summary}`` from ``recogs-<set>.txt`` and the ``results-<set>.jsonl`` beside it.
 
@@ -533,7 +532,7 @@ def rescore_recogs(path: str | Path) -> dict[str, dict[str, Any]]:
     records = []
     for utt in sorted(fields):
         f, rec = fields[utt], info[utt]
-        row = _Row(
+        row = DecodeResult(
             id=utt,
             language=rec["language"],
             reference=f["ref"],
