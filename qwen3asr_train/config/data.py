@@ -34,6 +34,78 @@ class HFDatasetConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-audio augmentation (``data/transforms.py``); every transform is off by default.
+
+    Draws depend only on (seed, epoch, dataset index), so a resumed run repeats them. Validation and
+    evaluation batches are never augmented.
+    """
+
+    stages: list[str] = field(default_factory=lambda: ["sft", "aligner"])
+    """Stages whose training batches are augmented (a stage not listed trains on clean audio)."""
+    noise_prob: float = 0.0
+    """Probability that a row gets additive noise from ``noise_manifests`` (MUSAN-style)."""
+    noise_manifests: Any = None
+    """Noise manifest(s): JSONL rows with ``audio`` (+ ``offset``/``duration``); e.g. ``qwen3asr-data segment --no-speech``."""
+    snr_db: list[float] = field(default_factory=lambda: [5.0, 20.0])
+    """Signal-to-noise range in dB; each noisy row draws its SNR uniformly from it."""
+    speed_prob: float = 0.0
+    """Probability that a row is speed-perturbed (tempo and pitch, as Kaldi's 3-way perturbation); word times follow."""
+    speed_factors: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    """Speed factors drawn from uniformly (1.1 = 10% faster, shorter audio)."""
+    volume_prob: float = 0.0
+    """Probability that a row's volume is changed."""
+    volume_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])
+    """Gain range in dB, drawn uniformly."""
+    spec_augment_prob: float = 0.0
+    """Probability that a row's log-mel features get SpecAugment masks (after feature extraction)."""
+    freq_masks: int = 2
+    """Frequency masks per augmented row."""
+    freq_mask_width: int = 27
+    """Largest frequency-mask width in mel bins (SpecAugment's F)."""
+    time_masks: int = 2
+    """Time masks per augmented row."""
+    time_mask_width: int = 40
+    """Largest time-mask width in frames of 10 ms (SpecAugment's T)."""
+    time_mask_max_fraction: float = 0.2
+    """A time mask covers at most this fraction of the row's valid frames (SpecAugment's p)."""
+
+    def validate(self) -> None:
+        self.noise_manifests = _as_list(self.noise_manifests, "data.augment.noise_manifests")
+        self.stages = list(self.stages)
+        known = {"sft", "aligner"}  # the stages whose collators apply it (GSPO rollouts use clean audio)
+        _require(set(self.stages) <= known, "data.augment.stages", f"must be a subset of {sorted(known)}")
+        for key in ("noise_prob", "speed_prob", "volume_prob", "spec_augment_prob"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"data.augment.{key}", "must be in [0, 1]")
+        for key in ("snr_db", "volume_db"):
+            pair = list(getattr(self, key))
+            _require(
+                len(pair) == 2 and pair[0] <= pair[1], f"data.augment.{key}", "must be [low, high] with low <= high"
+            )
+        _require(
+            bool(self.speed_factors) and all(f > 0 for f in self.speed_factors),
+            "data.augment.speed_factors",
+            "must be a non-empty list of positive factors",
+        )
+        _require(
+            self.noise_prob == 0 or bool(self.noise_manifests),
+            "data.augment.noise_manifests",
+            "is required when data.augment.noise_prob > 0",
+        )
+        _require(
+            min(self.freq_masks, self.freq_mask_width, self.time_masks, self.time_mask_width) >= 0,
+            "data.augment",
+            "mask counts and widths must be >= 0",
+        )
+        _require(0.0 < self.time_mask_max_fraction <= 1.0, "data.augment.time_mask_max_fraction", "must be in (0, 1]")
+
+    def active(self, stage: str) -> bool:
+        """Whether any transform runs in ``stage``."""
+        probs = (self.noise_prob, self.speed_prob, self.volume_prob, self.spec_augment_prob)
+        return stage in self.stages and any(p > 0 for p in probs)
+
+
+@dataclass
 class DataConfig:
     """Manifests, language checks, batching by audio seconds."""
 
@@ -69,6 +141,8 @@ class DataConfig:
     """In multi-process runs, drop the last few batches so every rank sees the same number of batches."""
     max_utterances: int = 0
     """Train on the first N rows that pass the checks (0 = all): debug runs and quick trials on a big corpus."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-audio augmentation: noise, speed, volume, SpecAugment (all off by default)."""
 
     def validate(self) -> None:
         self.train = _as_list(self.train, "data.train")

@@ -36,6 +36,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import Qwen3ASRProcessor
@@ -47,6 +48,9 @@ from qwen3asr_train.data.manifest import AlignedWord, ManifestError, SkipReport,
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
 from qwen3asr_train.data.word_units import split_words
 from qwen3asr_train.languages import CER_LANGUAGES, FORCED_ALIGNER_LANGUAGES
+
+if TYPE_CHECKING:
+    from qwen3asr_train.data.transforms import Augmenter
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +226,10 @@ class AlignerCollator:
         padding_side: str = "left",
         check_units: bool = True,
         time_shift_seconds: float = 0.0,
+        augment: Augmenter | None = None,
     ) -> None:
+        """``augment``: the training-audio transforms (``data/transforms.py``; speed moves the word times);
+        None for clean batches."""
         if not 0.0 <= slot_prob <= 1.0:
             raise ValueError(f"slot_prob must be in [0, 1], got {slot_prob}")
         if time_shift_seconds < 0:
@@ -238,6 +245,7 @@ class AlignerCollator:
         self.padding_side = padding_side
         self.check_units = check_units
         self.time_shift_seconds = time_shift_seconds
+        self.augment = augment
         self.audio_pad_id = self.tokenizer.convert_tokens_to_ids(AUDIO_PAD)
         self.timestamp_id = self.tokenizer.convert_tokens_to_ids(TIMESTAMP)
         self.pad_id = self.tokenizer.pad_token_id
@@ -316,6 +324,8 @@ class AlignerCollator:
         if not samples:
             raise ValueError("empty micro-batch")
         samples = [self.shifted(s, epoch) for s in samples]
+        if self.augment is not None:
+            samples = [self.augment.sample(s, epoch, self.max_seconds) for s in samples]
         for s in samples:
             if s.audio.size / SAMPLE_RATE > self.max_seconds:
                 raise ValueError(
@@ -332,6 +342,10 @@ class AlignerCollator:
             return_attention_mask=True,
             return_tensors="pt",
         )
+        if self.augment is not None:
+            feats["input_features"] = self.augment.features(
+                feats["input_features"], feats["attention_mask"], epoch, [s.index for s in samples]
+            )
         frames = feats["attention_mask"].sum(-1).tolist()  # (B,) valid mel frames
         rows = [
             self.row(s, self.slots(s, epoch), audio_tokens_for_frames(int(f)))

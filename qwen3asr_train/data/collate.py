@@ -24,7 +24,7 @@ import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import AUDIO_PAD, asr_prompt, asr_target
 from qwen3asr_train.data.sampler import Window
 from qwen3asr_train.languages import CER_LANGUAGES
+
+if TYPE_CHECKING:
+    from qwen3asr_train.data.transforms import Augmenter
 
 IGNORE_INDEX = -100
 
@@ -123,8 +126,16 @@ def candidate_words(text: str, language: str | None) -> list[str]:
 class SFTCollator:
     """Turns decoded samples into SFT micro-batches (see the module docstring for the schema)."""
 
-    def __init__(self, processor: Qwen3ASRProcessor, options: SFTOptions, distractor_pool: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        processor: Qwen3ASRProcessor,
+        options: SFTOptions,
+        distractor_pool: Sequence[str] = (),
+        augment: Augmenter | None = None,
+    ) -> None:
+        """``augment``: the training-audio transforms (``data/transforms.py``); None for clean batches."""
         self.tokenizer = processor.tokenizer
+        self.augment = augment
         self.feature_extractor = processor.feature_extractor
         self.options = options
         self.distractors = list(distractor_pool)
@@ -184,6 +195,8 @@ class SFTCollator:
             raise ValueError("empty micro-batch")
         plans = [self.plan(s, epoch) for s in samples]
         audios = [self._audio(s, p, epoch) for s, p in zip(samples, plans, strict=True)]
+        if self.augment is not None:
+            audios = [self.augment.waveform(a, epoch, s.index) for a, s in zip(audios, samples, strict=True)]
         feats = self.feature_extractor(
             audios,
             sampling_rate=SAMPLE_RATE,
@@ -192,6 +205,10 @@ class SFTCollator:
             return_attention_mask=True,
             return_tensors="pt",
         )
+        if self.augment is not None:
+            feats["input_features"] = self.augment.features(
+                feats["input_features"], feats["attention_mask"], epoch, [s.index for s in samples]
+            )
         frames = feats["attention_mask"].sum(-1).tolist()
         rows = [self.token_ids(p, audio_tokens_for_frames(int(f))) for p, f in zip(plans, frames, strict=True)]
         input_ids, labels, attention = pad_rows(

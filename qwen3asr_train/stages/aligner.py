@@ -35,6 +35,7 @@ from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, l
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import ManifestError, SkipReport, read_manifests
 from qwen3asr_train.data.prompts import AUDIO_END, AUDIO_PAD, AUDIO_START, TIMESTAMP
+from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.losses import audio_ctc, slot_ce
@@ -200,7 +201,12 @@ def prepare(
             )
         dataset = LongFormDataset(dataset, recipe.concat_max_seconds, recipe.concat_gap_seconds, num_classes)
     collator = AlignerCollator(
-        processor, num_classes, recipe.slot_prob, cfg.seed, time_shift_seconds=recipe.time_shift_seconds
+        processor,
+        num_classes,
+        recipe.slot_prob,
+        cfg.seed,
+        time_shift_seconds=recipe.time_shift_seconds,
+        augment=build_augmenter(cfg.data.augment, "aligner", cfg.seed),
     )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
     datamodule = ASRDataModule(

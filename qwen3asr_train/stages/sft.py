@@ -34,6 +34,7 @@ from qwen3asr_train.data.datamodule import (
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import SkipReport, read_manifests
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
+from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel
@@ -148,7 +149,10 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     train = drop_long_targets(train, processor, cfg.data, rejects)
     spine.write_rejects(rejects, run_dir)
 
-    collator = SFTCollator(processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(train, cfg.seed))
+    augment = build_augmenter(cfg.data.augment, "sft", cfg.seed)
+    collator = SFTCollator(
+        processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(train, cfg.seed), augment=augment
+    )
     plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
     train_set = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
     train_set.rejects_path = run_dir / spine.REJECTS_FILE
