@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -879,12 +879,14 @@ class StepNormaliser:
     count and DDP averages gradients over ranks, so :meth:`scale` returns ``k × world / N_global``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.interval = IntervalMeans()
+        self.clock = clock
         self._key: tuple[int, int] | None = None
         self._global = 1
         self.sums: dict[str, float] = {}
         self.started = 0.0
+        self._last_end: float | None = None
 
     @staticmethod
     def _window_start(batch: dict) -> tuple[int, int]:
@@ -897,7 +899,7 @@ class StepNormaliser:
         if key != self._key:
             self._key = key
             self.sums = {}
-            self.started = time.perf_counter()
+            self.started = self.clock()
             self._global = int(all_reduce_sums(module, {"n": float(batch["window_target_tokens"])})["n"])
         return module.trainer.accumulate_grad_batches * module.trainer.world_size / max(self._global, 1)
 
@@ -919,5 +921,15 @@ class StepNormaliser:
             self.interval.reset()
 
     def totals(self, module: L.LightningModule) -> tuple[dict[str, float], float]:
-        """Window statistics summed over ranks, and the seconds the window took."""
-        return all_reduce_sums(module, self.sums), max(time.perf_counter() - self.started, 1e-9)
+        """Window statistics summed over ranks, and the wall seconds of one whole optimizer step.
+
+        The seconds are measured between consecutive calls (each made at a window's last micro-batch), so they
+        cover everything a step costs: forwards, backwards, the optimizer step and data loading (and any
+        evaluation run in between). Timing from the window's first forward to its last one, as before, left
+        out the last backward and the optimizer step and read 2-3x too fast. The first window has no previous
+        call and is timed from its first micro-batch.
+        """
+        now = self.clock()
+        elapsed = now - (self._last_end if self._last_end is not None else self.started)
+        self._last_end = now
+        return all_reduce_sums(module, self.sums), max(elapsed, 1e-9)

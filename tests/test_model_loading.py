@@ -316,3 +316,24 @@ def test_mistral_regex_condition_and_divergence():
     assert not mistral_regex_applies({"transformers_version": "4.57.6"}, 384)  # small vocabularies are left alone
     tok = build_tokenizer(["McDonald McDonald bought an iPhone iPhone", "hello world"] * 3)
     assert regex_divergence(tok, ["McDonald bought an iPhone", "hello world"]) == (1, 2)
+
+
+def test_loaded_modules_train_in_train_mode_and_evaluate_in_eval_mode():
+    """from_pretrained returns eval mode; a loaded aligner must train with its head dropout active."""
+    from qwen3asr_train.checkpoints import load_for_inference
+    from qwen3asr_train.data.prompts import aligner_input
+
+    model, processor = build_model(
+        ModelConfig(source="pretrained", task="aligner", path=str(UPSTREAM / "aligner"), classifier_dropout=0.5)
+    )
+    assert model.training and all(m.training for m in model.modules())
+    inputs = processor(text=[aligner_input(["alpha", "bravo"])], audio=_clips((1.37,)))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = model(**inputs).logits
+        second = model(**inputs).logits
+        assert not torch.equal(first, second), "dropout must be active in training"
+        model.eval()
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    evaluated, _ = load_for_inference(UPSTREAM / "aligner")
+    assert not evaluated.training and not any(m.training for m in evaluated.modules())

@@ -127,3 +127,34 @@ def test_bf16_true_requires_explicit_opt_in(tmp_path):
 
     with pytest.raises(ConfigError, match="trainer.precision"):
         make_config(tiny_sft_overrides(tmp_path, tmp_path / "x", "trainer.precision=bf16-true"))
+
+
+def test_logged_throughput_is_audio_over_the_wall_time_of_whole_steps():
+    """A fake clock: each step spends 1 s in forwards before the window's statistics are taken and 3 s after
+    (last backward, optimizer step, loading the next batch). Audio-s/s must use all 4 s."""
+    from types import SimpleNamespace
+
+    from qwen3asr_train.training import StepNormaliser, throughput_metrics
+
+    now = [100.0]
+    norm = StepNormaliser(clock=lambda: now[0])
+    trainer = SimpleNamespace(
+        world_size=1,
+        accumulate_grad_batches=2,
+        is_last_batch=False,
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 1.0}])],
+    )
+    module = SimpleNamespace(trainer=trainer, device=torch.device("cpu"))
+    rates = []
+    for step in range(3):
+        for micro in range(2):
+            batch = {"position": (0, 2 * step + micro), "window_size": 2, "window_target_tokens": 10}
+            norm.observe(module, batch)
+            norm.add(audio=6.0, real=50, seq=60, skipped=0)
+            now[0] += 0.5  # forward of this micro-batch
+        t, elapsed = norm.totals(module)
+        rates.append(throughput_metrics(t, elapsed, trainer)["train/audio_s_per_s"])
+        now[0] += 3.0  # last backward + optimizer step + next batch
+    # the first window has no previous boundary (timed from its first forward); then 12 audio-s per 4 s steps
+    assert rates[0] == pytest.approx(12.0 / 1.0)
+    assert rates[1:] == [pytest.approx(12.0 / 4.0)] * 2
