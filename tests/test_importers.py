@@ -384,3 +384,23 @@ def test_import_output_trains(kind: str, tmp_path: Path) -> None:
 
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert (run_dir / "rejects.jsonl").read_text() == ""  # training accepted every row the importer wrote
+
+
+NEW_COMMANDS = ("import-table", "import-kaldi", "segment", "import-hf", "import-lhotse", "export-lhotse", "report")
+
+
+@pytest.mark.parametrize("command", NEW_COMMANDS)
+def test_help_shows_a_runnable_example(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: qwen3asr-data {command}") and f"example: qwen3asr-data {command}" in out
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from qwen3asr_train.tools.cli import main\ntry: main(['import-hf', '--help'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules and 'datasets' not in sys.modules and 'lhotse' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
