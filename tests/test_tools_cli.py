@@ -22,7 +22,19 @@ from qwen3asr_train.tools.cli import main  # noqa: E402
 from qwen3asr_train.tools.synthetic import espeak_available, write_tone_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("synth", "mfa-layout", "textgrid-to-manifest", "validate")
+SUBCOMMANDS = (
+    "synth",
+    "mfa-layout",
+    "textgrid-to-manifest",
+    "validate",
+    "import-table",
+    "import-kaldi",
+    "segment",
+    "import-hf",
+    "import-lhotse",
+    "export-lhotse",
+    "report",
+)
 
 
 def _rows(path: Path) -> list[dict]:

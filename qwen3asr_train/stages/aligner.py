@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from qwen3asr_train import spine
+from qwen3asr_train import spine, training
 from qwen3asr_train.config.schema import AlignerConfig, EvalHookConfig, RunConfig
 from qwen3asr_train.data.aligner import (
     SEGMENT_MS,
@@ -40,20 +40,11 @@ from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 from qwen3asr_train.eval.hook import PeriodicEvaluation, load_eval_sets
 from qwen3asr_train.losses import audio_ctc, slot_ce
 from qwen3asr_train.model.builder import AsrModel
-from qwen3asr_train.training import (
-    StepNormaliser,
-    SummedValidation,
-    build_optimizer,
-    build_trainer,
-    check_resume_plan,
-    fit,
-    throughput_metrics,
-)
 
 log = logging.getLogger(__name__)
 
 
-class AlignerModule(SummedValidation, L.LightningModule):
+class AlignerModule(training.SummedValidation, L.LightningModule):
     """Non-shifted slot cross-entropy, normalised per optimizer step (module docstring)."""
 
     VAL_COUNT = "n_slots"
@@ -70,7 +61,7 @@ class AlignerModule(SummedValidation, L.LightningModule):
         self.special_ids = list(special_ids)
         if recipe.ctc_weight > 0 and not self.special_ids:
             raise ValueError("recipe.ctc_weight > 0 needs the special token ids (blank first)")
-        self.norm = StepNormaliser()
+        self.norm = training.StepNormaliser()
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.score(self.model.dropout(hidden))
@@ -134,7 +125,7 @@ class AlignerModule(SummedValidation, L.LightningModule):
                 "train/slot_accuracy": t["exact"] / n,
                 "train/slot_error_ms": t["abs_bins"] / n * SEGMENT_MS,
                 "train/slots": t["slots"],
-                **throughput_metrics(t, elapsed, self.trainer),
+                **training.throughput_metrics(t, elapsed, self.trainer),
                 **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
             }
             self.norm.log(self, metrics)
@@ -144,7 +135,7 @@ class AlignerModule(SummedValidation, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self, self.recipe.optim, self.total_steps)
+        return training.build_optimizer(self, self.recipe.optim, self.total_steps)
 
 
 def build_aligner_hook(
@@ -180,7 +171,7 @@ def prepare(
         {"train": train},
         aligner={"concat_max_seconds": recipe.concat_max_seconds, "concat_gap_seconds": recipe.concat_gap_seconds},
     )
-    check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
+    training.check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     model, processor = spine.build_run_model(cfg, [u.text for u in train])
     num_classes = int(model.config.num_labels)
     limit = max_addressable_seconds(num_classes)
@@ -222,7 +213,7 @@ def prepare(
     hook = build_aligner_hook(cfg.evaluation, cfg.data, processor, run_dir, recipe.on_unit_mismatch)
     if hook is not None:
         callbacks.append(hook)
-    trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
+    trainer = training.build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
     special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
@@ -233,5 +224,5 @@ def prepare(
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Train the aligner and export it (see the module docstring)."""
     module, datamodule, trainer, processor = prepare(cfg)
-    fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
+    training.fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
     return spine.finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)

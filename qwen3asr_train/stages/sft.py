@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from qwen3asr_train import spine
+from qwen3asr_train import spine, training
 from qwen3asr_train.config.schema import RunConfig, SFTConfig
 from qwen3asr_train.data.collate import SFTCollator, SFTOptions
 from qwen3asr_train.data.datamodule import (
@@ -38,20 +38,11 @@ from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.hook import build_asr_hook
 from qwen3asr_train.losses import audio_ctc, target_token_ce
 from qwen3asr_train.model.builder import AsrModel
-from qwen3asr_train.training import (
-    StepNormaliser,
-    SummedValidation,
-    build_optimizer,
-    build_trainer,
-    check_resume_plan,
-    fit,
-    throughput_metrics,
-)
 
 log = logging.getLogger(__name__)
 
 
-class SFTModule(SummedValidation, L.LightningModule):
+class SFTModule(training.SummedValidation, L.LightningModule):
     """Token cross-entropy over target tokens, normalised per optimizer step (module docstring)."""
 
     def __init__(
@@ -64,7 +55,7 @@ class SFTModule(SummedValidation, L.LightningModule):
         self.pad_id = pad_id
         self.asr_text_id = asr_text_id
         self.im_end_id = im_end_id
-        self.norm = StepNormaliser()
+        self.norm = training.StepNormaliser()
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
         """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
@@ -123,7 +114,7 @@ class SFTModule(SummedValidation, L.LightningModule):
         metrics = {
             "train/loss": t["ce"] / max(t["tokens"], 1.0),
             "train/target_tokens": t["tokens"],
-            **throughput_metrics(t, elapsed, self.trainer),
+            **training.throughput_metrics(t, elapsed, self.trainer),
         }
         if self.recipe.ctc_weight > 0:
             metrics["train/ctc_loss"] = t["ctc"] / max(t["tokens"], 1.0)
@@ -131,7 +122,7 @@ class SFTModule(SummedValidation, L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer, state
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self, self.recipe.optim, self.total_steps)
+        return training.build_optimizer(self, self.recipe.optim, self.total_steps)
 
 
 def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFTModule, ASRDataModule, L.Trainer, Any]:
@@ -144,7 +135,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     train, hf = load_train_utterances(cfg.data, rejects)
     valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row, rejects) if cfg.data.valid else []
     plan = spine.run_plan(cfg, {"train": train})
-    check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
+    training.check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
     model, processor = spine.build_run_model(cfg, [u.text for u in train])
     train = drop_long_targets(train, processor, cfg.data, rejects)
     spine.write_rejects(rejects, run_dir)
@@ -167,7 +158,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     )
     hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
     callbacks = [DataPositionTracker(), *extra_callbacks, *([hook] if hook is not None else [])]
-    trainer = build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
+    trainer = training.build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
     per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
     tok = processor.tokenizer
     module = SFTModule(
@@ -184,5 +175,5 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Build everything from the config, train, and export. Returns paths of what was written."""
     module, datamodule, trainer, processor = prepare(cfg)
-    fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
+    training.fit(trainer, module, datamodule=datamodule)  # Preempted (exit 143) / NonFiniteError propagate: no export
     return spine.finish_run(cfg, trainer, module.model, processor, cfg.recipe.export_on_end)
