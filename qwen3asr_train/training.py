@@ -857,6 +857,18 @@ class SummedValidation:
             self.log("val/loss", t["sum"] / t["count"], rank_zero_only=True)  # type: ignore[attr-defined]
 
 
+def backbone_hidden(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
+    """The audio+text backbone (no head) on a collated batch: every stage's loss starts from these hidden
+    states and computes its head only where it has labels."""
+    return model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        input_features=batch["input_features"],
+        input_features_mask=batch["input_features_mask"],
+        use_cache=False,
+    )
+
+
 def throughput_metrics(t: Mapping[str, float], elapsed: float, trainer: L.Trainer) -> dict[str, float]:
     """The metrics every stage logs per window from its :class:`StepNormaliser` totals (``real``/``seq``:
     real and padded positions, ``audio``: audio seconds, ``skipped``: unreadable clips)."""

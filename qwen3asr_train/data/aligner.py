@@ -42,7 +42,7 @@ import numpy as np
 from transformers import Qwen3ASRProcessor
 
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
-from qwen3asr_train.data.collate import IGNORE_INDEX, model_inputs, pad_rows, row_rng
+from qwen3asr_train.data.collate import IGNORE_INDEX, mel_features, model_inputs, pad_rows, row_rng
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import AlignedWord, ManifestError, SkipReport, Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
@@ -334,18 +334,9 @@ class AlignerCollator:
                 )
             if self.check_units:
                 check_word_units(s.utt)
-        feats = self.feature_extractor(
-            [s.audio for s in samples],
-            sampling_rate=SAMPLE_RATE,
-            padding=True,
-            truncation=False,
-            return_attention_mask=True,
-            return_tensors="pt",
+        feats = mel_features(
+            self.feature_extractor, [s.audio for s in samples], self.augment, epoch, [s.index for s in samples]
         )
-        if self.augment is not None:
-            feats["input_features"] = self.augment.features(
-                feats["input_features"], feats["attention_mask"], epoch, [s.index for s in samples]
-            )
         frames = feats["attention_mask"].sum(-1).tolist()  # (B,) valid mel frames
         rows = [
             self.row(s, self.slots(s, epoch), audio_tokens_for_frames(int(f)))

@@ -90,6 +90,24 @@ def pad_rows(
     return input_ids, labels, attention
 
 
+def mel_features(
+    feature_extractor: Any, audios: Sequence[np.ndarray], augment: Any, epoch: int, indices: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Log-mel features of a batch, right-padded with their mask (``attention_mask``), SpecAugment applied when
+    an augmenter is given (its draws keyed by epoch and row index). Padding and truncation as upstream calls it."""
+    feats = feature_extractor(
+        list(audios),
+        sampling_rate=SAMPLE_RATE,
+        padding=True,
+        truncation=False,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    if augment is not None:
+        feats["input_features"] = augment.features(feats["input_features"], feats["attention_mask"], epoch, indices)
+    return feats
+
+
 def model_inputs(
     input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, feats: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
@@ -197,18 +215,7 @@ class SFTCollator:
         audios = [self._audio(s, p, epoch) for s, p in zip(samples, plans, strict=True)]
         if self.augment is not None:
             audios = [self.augment.waveform(a, epoch, s.index) for a, s in zip(audios, samples, strict=True)]
-        feats = self.feature_extractor(
-            audios,
-            sampling_rate=SAMPLE_RATE,
-            padding=True,
-            truncation=False,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        if self.augment is not None:
-            feats["input_features"] = self.augment.features(
-                feats["input_features"], feats["attention_mask"], epoch, [s.index for s in samples]
-            )
+        feats = mel_features(self.feature_extractor, audios, self.augment, epoch, [s.index for s in samples])
         frames = feats["attention_mask"].sum(-1).tolist()
         rows = [self.token_ids(p, audio_tokens_for_frames(int(f))) for p, f in zip(plans, frames, strict=True)]
         input_ids, labels, attention = pad_rows(

@@ -67,13 +67,7 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         return self.model.score(self.model.dropout(hidden))
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.model.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            input_features=batch["input_features"],
-            input_features_mask=batch["input_features_mask"],
-            use_cache=False,
-        )
+        out = training.backbone_hidden(self.model, batch)
         ce_sum, n_slots, predicted = slot_ce(
             out.last_hidden_state, batch["labels"], self._head, self.recipe.label_sigma_bins
         )

@@ -59,13 +59,7 @@ class SFTModule(training.SummedValidation, L.LightningModule):
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
         """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
-        out = self.model.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            input_features=batch["input_features"],
-            input_features_mask=batch["input_features_mask"],
-            use_cache=False,
-        )
+        out = training.backbone_hidden(self.model, batch)
         ce_sum, n_tokens = target_token_ce(out.last_hidden_state, batch["labels"], self.model.lm_head)
         sums = {"ce_sum": ce_sum, "n_tokens": n_tokens}
         if self.recipe.ctc_weight > 0:
