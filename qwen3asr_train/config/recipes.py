@@ -67,6 +67,10 @@ class SFTAugmentation:
     """Most distractor words taken from other transcripts."""
     no_speech_prob: float = 0.0
     """Probability that a row becomes a no-speech row (silence or noise of the same length; target ``language None<asr_text>``)."""
+    streaming_prob: float = 0.0
+    """Probability that a row with word times is cut at a random chunk boundary, its target the words ending before it."""
+    streaming_chunk_seconds: float = 2.0
+    """Chunk length of the streaming cut: the audio ends at k × this many seconds, before the row's end."""
 
 
 @dataclass
@@ -86,9 +90,16 @@ class SFTConfig(SFTAugmentation):
     """Write a transformers-native export of the final weights to ``<run_dir>/export``."""
 
     def validate(self) -> None:
-        for key in ("forced_language_prob", "context_prob", "manifest_context_prob", "no_speech_prob"):
+        for key in (
+            "forced_language_prob",
+            "context_prob",
+            "manifest_context_prob",
+            "no_speech_prob",
+            "streaming_prob",
+        ):
             value = getattr(self, key)
             _require(0.0 <= value <= 1.0, f"recipe.{key}", "is a probability: must be in [0, 1]")
+        _require(self.streaming_chunk_seconds > 0, "recipe.streaming_chunk_seconds", "must be positive")
         _require(self.ctc_weight >= 0.0, "recipe.ctc_weight", "must be >= 0")
         _require(
             self.hotwords_max >= 1 and self.distractors_max >= 0,
@@ -172,6 +183,25 @@ class EvalHookConfig:
 
 
 @dataclass
+class StreamingConfig:
+    """Streaming evaluation as upstream's streaming decoder runs it (``eval/streaming.py``)."""
+
+    enabled: bool = False
+    """Also decode every set in streaming mode and write ``streaming_summary.{md,json}`` beside the offline one."""
+    chunk_seconds: float = 2.0
+    """Audio arrives in chunks of this many seconds; after each, all audio so far is decoded again."""
+    unfixed_chunks: int = 2
+    """For the first N chunks the previous output is not used as a prefix (the model starts afresh)."""
+    unfixed_tokens: int = 5
+    """After that, the previous output minus its last K tokens is the prefix the model continues from."""
+
+    def validate(self) -> None:
+        _require(self.chunk_seconds > 0, "recipe.streaming.chunk_seconds", "must be positive")
+        _require(self.unfixed_chunks >= 0, "recipe.streaming.unfixed_chunks", "must be >= 0")
+        _require(self.unfixed_tokens >= 0, "recipe.streaming.unfixed_tokens", "must be >= 0")
+
+
+@dataclass
 class EvalConfig:
     """``recipe=eval``: decode and score a checkpoint on one or more manifests."""
 
@@ -185,6 +215,8 @@ class EvalConfig:
     """Where artifacts go (default: the run directory)."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding options."""
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    """Streaming evaluation (off by default): chunked re-decoding with a rolled-back prefix, scored like offline."""
 
     def validate(self) -> None:
         _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. +recipe.sets.test=test.jsonl")

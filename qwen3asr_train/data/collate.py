@@ -20,6 +20,7 @@ prefix-length mask does under its processor's default left padding.
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -33,9 +34,11 @@ from transformers import Qwen3ASRProcessor
 from qwen3asr_train.config.schema import SFTAugmentation
 from qwen3asr_train.data.audio import SAMPLE_RATE, audio_tokens_for_frames
 from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.manifest import Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, asr_prompt, asr_target
 from qwen3asr_train.data.sampler import Window
 from qwen3asr_train.languages import CER_LANGUAGES
+from qwen3asr_train.tools.segment import NO_SPACE_LANGUAGES
 
 if TYPE_CHECKING:
     from qwen3asr_train.data.transforms import Augmenter
@@ -59,13 +62,45 @@ class SFTOptions(SFTAugmentation):
 
 @dataclass(frozen=True)
 class RowPlan:
-    """What one row becomes: its context, whether the language is forced, and its target."""
+    """What one row becomes: its context, whether the language is forced, its target, and (streaming cut) the
+    number of audio samples kept (``None``: the whole clip)."""
 
     context: str
     forced_language: bool
     no_speech: bool
     language: str | None
     text: str
+    cut_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamingCut:
+    """A streaming-enhancement sample: the audio ends at ``chunks`` × the chunk length; ``text`` is the words
+    that end at or before that point."""
+
+    chunks: int
+    seconds: float
+    text: str
+
+
+def streaming_cut(utt: Utterance, chunk_seconds: float, rng: random.Random) -> StreamingCut | None:
+    """Cut ``utt`` at a chunk boundary drawn uniformly from those strictly inside the clip.
+
+    Why: a streaming decoder re-decodes a growing prefix of the audio every chunk (``eval/streaming.py``), so
+    the model must learn to transcribe audio that stops mid-utterance — and to write only what it has heard.
+    The target is the words whose end time is at or before the cut, joined as the language writes words
+    (without spaces in Chinese, Cantonese, Japanese and Thai). ``None`` for a row without word times or too
+    short to have a boundary inside it (it stays whole); the draw is one ``randint`` from ``rng``.
+    """
+    if not utt.words:
+        return None
+    boundaries = math.ceil(utt.duration / chunk_seconds - 1e-9) - 1  # k × chunk < duration for k = 1..boundaries
+    if boundaries < 1:
+        return None
+    k = rng.randint(1, boundaries)
+    seconds = k * chunk_seconds
+    words = [w.word for w in utt.words if w.end <= seconds + 1e-9]
+    return StreamingCut(k, seconds, ("" if utt.language in NO_SPACE_LANGUAGES else " ").join(words))
 
 
 def pad_rows(
@@ -170,13 +205,21 @@ class SFTCollator:
         utt = sample.utt
         no_speech = utt.no_speech or rng.random() < o.no_speech_prob
         language, text = (None, "") if no_speech else (utt.language, utt.text)
+        cut = None
+        if not no_speech and o.streaming_prob > 0:  # its own stream: the other draws stay as they were
+            cut_rng = row_rng(o.seed, epoch, sample.index, "streaming")
+            if cut_rng.random() < o.streaming_prob:
+                cut = streaming_cut(utt, o.streaming_chunk_seconds, cut_rng)
+        if cut is not None:
+            text = cut.text
         context = ""
         if utt.context and rng.random() < o.manifest_context_prob:
             context = utt.context
         elif rng.random() < o.context_prob:
             context = self._hotwords(rng, "" if no_speech else text, language)
         forced = language is not None and rng.random() < o.forced_language_prob
-        return RowPlan(context, forced, no_speech, language, text)
+        cut_samples = None if cut is None else int(round(cut.seconds * SAMPLE_RATE))
+        return RowPlan(context, forced, no_speech, language, text, cut_samples)
 
     def _hotwords(self, rng: random.Random, text: str, language: str | None) -> str:
         own = candidate_words(text, language)
@@ -188,6 +231,8 @@ class SFTCollator:
         return ", ".join(words)
 
     def _audio(self, sample: Sample, plan: RowPlan, epoch: int) -> np.ndarray:
+        if plan.cut_samples is not None:
+            return sample.audio[: plan.cut_samples]
         if not plan.no_speech or sample.utt.no_speech:
             return sample.audio
         gen = np.random.default_rng(zlib.crc32(f"noise/{self.options.seed}/{epoch}/{sample.index}".encode()))

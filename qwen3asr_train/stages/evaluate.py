@@ -3,7 +3,8 @@
 The model can be an exported directory in either layout, a Lightning ``.ckpt`` or a training run
 directory (its ``last.ckpt``). Per set: ``recogs-<set>.txt``, ``errs-<set>.txt``, ``wer-summary-<set>.txt``,
 ``results-<set>.jsonl``; over all sets: ``summary.md``, ``summary.json`` and ``error_rates.png``; the
-summary table is logged at the end. Launched with ``torchrun --nproc_per_node=N``, the decoding is
+summary table is logged at the end. With ``recipe.streaming.enabled`` the sets are also decoded as upstream
+streams (``eval/streaming.py``): the same files under ``streaming/`` and ``streaming_summary.{md,json}``. Launched with ``torchrun --nproc_per_node=N``, the decoding is
 sharded by batch over the processes and gathered (same results as one process).
 """
 
@@ -85,11 +86,23 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         return metrics
     opts = recipe.decode
     results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
+    streamed = None
+    if recipe.streaming.enabled:
+        from qwen3asr_train.eval.streaming import decode_streaming_distributed
+
+        streamed = {
+            name: decode_streaming_distributed(model, processor, samples, opts, recipe.streaming)
+            for name, samples in sets.items()
+        }
     summary: dict[str, Any] = {}
     if rank == 0:
         from qwen3asr_train.eval.report import write_reports
 
         summary = write_reports(out_dir, results, title=model_title(recipe.model_path))
+        if streamed is not None:
+            from qwen3asr_train.eval.streaming import write_streaming_reports
+
+            write_streaming_reports(out_dir, summary, streamed, recipe.streaming, model_title(recipe.model_path))
         _write_skips(out_dir, rejects, sets)
         (out_dir / "eval_config.json").write_text(
             json.dumps({"model_path": str(recipe.model_path), "sets": dict(recipe.sets)}, indent=2) + "\n"

@@ -1,0 +1,249 @@
+"""Streaming: upstream's chunked decoder on our model, its report next to offline WER, and the streaming SFT cut."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3asr_train.checkpoints import load_for_inference
+from qwen3asr_train.config.recipes import DecodeConfig, StreamingConfig
+from qwen3asr_train.data.collate import IGNORE_INDEX, SFTCollator, SFTOptions, row_rng, streaming_cut
+from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.manifest import AlignedWord, RowChecks, Utterance
+from qwen3asr_train.eval.decode import decode
+from qwen3asr_train.eval.hook import load_eval_sets
+from qwen3asr_train.eval.report import rescore_recogs
+from qwen3asr_train.eval.streaming import Generation, decode_streaming, hf_generate, rollback_prefix, run_streams
+from qwen3asr_train.languages import LanguageTable
+from qwen3asr_train.model.export import save_native
+from qwen3asr_train.stages import evaluate as eval_stage
+from qwen3asr_train.tools.synthetic import write_tone_corpus
+from tests.conftest import make_config
+
+SR = 16000
+
+
+# ------------------------------------------------------------------------------ prefix logic (fake model)
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: a cut inside a multi-byte character decodes to U+FFFD, as with byte BPE."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_prefix_rollback_and_refeeding_follow_a_hand_worked_stream():
+    """3.5 s at 1 s chunks = 3 full chunks + a 0.5 s tail; prefixes worked out by hand from the canned outputs."""
+    opts = StreamingConfig(chunk_seconds=1.0, unfixed_chunks=2, unfixed_tokens=3)
+    canned = iter(["abc", "abcdef", "dXYZ", "efg"])
+    calls: list[tuple[str, int]] = []
+
+    def generate(prompts: list[str], audios: list[np.ndarray]) -> list[Generation]:
+        (prompt,), (audio,) = prompts, audios
+        calls.append((prompt, len(audio)))
+        text = next(canned)
+        return [Generation(text=text, readable=text, finished=True)]
+
+    (state,) = run_streams([np.zeros(56000, np.float32)], ["P|"], generate, ByteTokenizer(), opts)
+    assert calls == [
+        ("P|", 16000),  # chunk 0: no prefix (unfixed chunk)
+        ("P|", 32000),  # chunk 1: still unfixed, audio re-fed from the start
+        ("P|abc", 48000),  # chunk 2: "abcdef" minus its last 3 tokens
+        ("P|abcd", 56000),  # tail flush: "abcdXYZ" minus 3
+    ]
+    assert state.outputs == ["abc", "abcdef", "abcdXYZ", "abcdefg"]
+    assert state.hypothesis == "abcdefg" and not state.truncated and state.done
+
+
+def test_prefix_never_ends_inside_a_character():
+    tok, opts = ByteTokenizer(), StreamingConfig(unfixed_chunks=0, unfixed_tokens=1)
+    # "abé" = a b 0xC3 0xA9: dropping one byte leaves "ab\ufffd", so a second one goes too.
+    assert rollback_prefix(tok, "abé", 0, opts) == "ab"
+    assert rollback_prefix(tok, "abc", 0, opts) == "ab"
+    assert rollback_prefix(tok, "é", 0, opts) == ""  # nothing whole is left
+    assert rollback_prefix(tok, "abc", 1, replace(opts, unfixed_chunks=2)) == ""  # still an unfixed chunk
+    assert rollback_prefix(tok, "abc", 0, replace(opts, unfixed_tokens=0)) == "abc"
+
+
+def test_empty_audio_is_refused():
+    with pytest.raises(ValueError, match="streaming needs audio"):
+        run_streams([np.zeros(0, np.float32)], ["P"], lambda p, a: [], ByteTokenizer(), StreamingConfig())
+
+
+# ------------------------------------------------------------------------------ the real tiny model
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_and_processor, tmp_path_factory) -> Path:
+    model, processor = tiny_model_and_processor
+    return save_native(model, processor, tmp_path_factory.mktemp("stream_export") / "native")
+
+
+@pytest.fixture(scope="module")
+def tone_set(tmp_path_factory) -> Path:
+    return write_tone_corpus(tmp_path_factory.mktemp("stream_tones"), num=3, seed=5, words_per_clip=(3, 5))
+
+
+def _samples(manifest: Path) -> list[Sample]:
+    return load_eval_sets({"dev": str(manifest)}, RowChecks(languages=LanguageTable()), "error")["dev"]
+
+
+def test_one_chunk_longer_than_the_clip_is_offline_decoding(exported, tone_set):
+    """Independent paths: eval/decode.py's batched greedy decoding vs the streaming decoder's single step."""
+    model, processor = load_for_inference(exported)
+    samples = _samples(tone_set)
+    opts = DecodeConfig(max_batch_size=1)
+    offline = decode(model, processor, samples, opts)
+    streamed = decode_streaming(model, processor, samples, opts, StreamingConfig(chunk_seconds=10.0))
+    assert [r.hypothesis for r in streamed] == [r.hypothesis for r in offline]
+    assert [r.truncated for r in streamed] == [r.truncated for r in offline]
+    assert all(r.hypothesis for r in offline)
+
+
+def test_each_step_continues_from_its_prefix(exported, tone_set):
+    model, processor = load_for_inference(exported)
+    sample = _samples(tone_set)[0]
+    opts = StreamingConfig(chunk_seconds=0.5, unfixed_chunks=1, unfixed_tokens=2)
+    (state,) = run_streams(
+        [sample.audio],
+        ["<prompt>"],
+        _prompted(hf_generate(model, processor, DecodeConfig())),
+        processor.tokenizer,
+        opts,
+    )
+    assert state.step == state.num_steps == int(np.ceil(len(sample.audio) / (0.5 * SR)))
+    assert state.prefixes[0] == ""
+    for prefix, output in zip(state.prefixes, state.outputs, strict=True):
+        assert output.startswith(prefix)
+    assert any(state.prefixes[1:]), "a later step should have had a prefix"
+
+
+def _prompted(generate):
+    """Replace the test's placeholder prompt with the real ASR prompt (keeping the prefix after it)."""
+    from qwen3asr_train.data.prompts import asr_prompt
+
+    return lambda prompts, audios: generate([asr_prompt() + p.removeprefix("<prompt>") for p in prompts], audios)
+
+
+def test_eval_recipe_reports_streaming_next_to_offline(exported, tone_set, tmp_path):
+    run_dir = tmp_path / "eval"
+    summary = eval_stage.run(
+        make_config(
+            [
+                "recipe=eval",
+                f"recipe.model_path={exported}",
+                f"+recipe.sets.dev={tone_set}",
+                "recipe.streaming.enabled=true",
+                "recipe.streaming.chunk_seconds=1.0",
+                f"run_dir={run_dir}",
+            ]
+        )
+    )
+    payload = json.loads((run_dir / "streaming_summary.json").read_text())
+    assert payload["streaming"] == {"chunk_seconds": 1.0, "unfixed_chunks": 2, "unfixed_tokens": 5}
+    row = payload["sets"]["dev"]["languages"]["English"]
+    assert row["metric"] == "wer" and row["utterances"] == 3
+    assert row["offline"] == pytest.approx(summary["dev"]["corpus"]["rate"])
+    rescored = rescore_recogs(run_dir / "streaming" / "recogs-dev.txt")["dev"]
+    assert row["streaming"] == pytest.approx(rescored["corpus"]["rate"])
+    table = (run_dir / "streaming_summary.md").read_text()
+    assert "| offline % | streaming % |" in table
+    assert f"| dev | English | wer | {100 * row['offline']:.2f} | {100 * row['streaming']:.2f} |" in table
+    assert (run_dir / "summary.md").exists()  # the offline report is unchanged
+
+
+def test_streaming_is_off_by_default(exported, tone_set, tmp_path):
+    cfg = make_config(
+        ["recipe=eval", f"recipe.model_path={exported}", f"+recipe.sets.dev={tone_set}", f"run_dir={tmp_path}"]
+    )
+    assert cfg.recipe.streaming.enabled is False
+
+
+# ------------------------------------------------------------------------------ streaming SFT cut
+
+WORDS = [("ba", 0.1, 0.5), ("de", 0.6, 1.9), ("gi", 1.95, 2.0), ("ko", 2.5, 3.9), ("mu", 4.1, 4.8)]
+
+
+def _utt(language: str = "English", words=WORDS, duration: float = 5.0, timed: bool = True) -> Utterance:
+    """A row whose text is its words; ``timed=False`` drops the word times (same text)."""
+    aligned = [AlignedWord(w, s, e) for w, s, e in words] if timed else None
+    text = ("" if language == "Chinese" else " ").join(w for w, _, _ in words)
+    return Utterance(id="u", audio="u.wav", duration=duration, text=text, language=language, words=aligned)
+
+
+class FixedK(random.Random):
+    def __init__(self, k: int) -> None:
+        super().__init__(0)
+        self.k = k
+
+    def randint(self, a: int, b: int) -> int:
+        assert (a, b) == (1, 2)  # 5 s at 2 s chunks: boundaries at 2 s and 4 s only
+        return self.k
+
+
+def test_cut_keeps_the_words_that_end_before_it():
+    assert streaming_cut(_utt(), 2.0, FixedK(1)).text == "ba de gi"  # "gi" ends exactly at 2.0 s
+    assert streaming_cut(_utt(), 2.0, FixedK(2)).text == "ba de gi ko"
+    cut = streaming_cut(_utt("Chinese", [("你", 0.1, 0.5), ("好", 0.6, 2.2), ("吗", 2.3, 4.5)]), 2.0, FixedK(2))
+    assert (cut.chunks, cut.seconds, cut.text) == (2, 4.0, "你好")
+    assert streaming_cut(_utt(timed=False), 2.0, FixedK(1)) is None  # no word times: left whole
+    assert streaming_cut(_utt(duration=2.0), 2.0, FixedK(1)) is None  # no boundary before the end
+    assert streaming_cut(_utt(duration=4.0), 2.0, random.Random(0)).seconds == 2.0  # 4.0 is the end, not a cut
+
+
+def _collate(processor, sample: Sample, epoch: int = 0, **options) -> dict:
+    return SFTCollator(processor, SFTOptions(seed=3, **options))([sample], epoch)
+
+
+def _target(processor, batch: dict) -> str:
+    labels = batch["labels"][0]
+    return processor.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist())
+
+
+def test_collator_cuts_audio_and_target_reproducibly(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    audio = np.random.default_rng(0).standard_normal(5 * SR).astype(np.float32) * 0.1
+    sample = Sample(_utt(), audio, index=7)
+    seen = set()
+    for epoch in range(6):
+        batch = _collate(processor, sample, epoch, streaming_prob=1.0)
+        rng = row_rng(3, epoch, 7, "streaming")
+        rng.random()
+        k = rng.randint(1, 2)
+        seen.add(k)
+        assert batch["audio_seconds"] == 2.0 * k
+        assert _target(processor, batch) == {1: "language English<asr_text>ba de gi<|im_end|>"}.get(
+            k, "language English<asr_text>ba de gi ko<|im_end|>"
+        )
+        again = _collate(processor, sample, epoch, streaming_prob=1.0)
+        assert all(torch.equal(batch[key], again[key]) for key in ("input_ids", "labels", "input_features"))
+    assert seen == {1, 2}
+    whole = _collate(processor, Sample(_utt(timed=False), audio, index=7), streaming_prob=1.0)
+    assert whole["audio_seconds"] == 5.0 and _target(processor, whole).endswith("ba de gi ko mu<|im_end|>")
+
+
+def test_off_by_default_and_other_draws_untouched(tiny_model_and_processor):
+    """Default options leave every batch as before; turning streaming on changes no other augmentation's draw."""
+    _, processor = tiny_model_and_processor
+    assert SFTOptions().streaming_prob == 0.0
+    audio = np.random.default_rng(1).standard_normal(5 * SR).astype(np.float32) * 0.1
+    others = {"context_prob": 0.5, "forced_language_prob": 0.5, "distractors_max": 0}
+    for index in range(4):
+        with_words = Sample(_utt(), audio, index)
+        without = Sample(_utt(timed=False), audio, index)
+        off = _collate(processor, with_words, **others)
+        # Without word times the cut never applies, so this is the pre-streaming batch under the same draws.
+        on_nowords = _collate(processor, without, streaming_prob=1.0, **others)
+        assert off["audio_seconds"] == 5.0
+        for key in ("input_ids", "labels", "attention_mask", "input_features", "input_features_mask"):
+            assert torch.equal(off[key], on_nowords[key]), key
