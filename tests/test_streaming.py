@@ -247,3 +247,24 @@ def test_off_by_default_and_other_draws_untouched(tiny_model_and_processor):
         assert off["audio_seconds"] == 5.0
         for key in ("input_ids", "labels", "attention_mask", "input_features", "input_features_mask"):
             assert torch.equal(off[key], on_nowords[key]), key
+
+
+def test_sft_trains_on_streaming_cuts(tmp_path):
+    """``recipe.streaming_prob`` reaches the collator through the recipe, and a tiny run trains on cut rows."""
+    from qwen3asr_train.stages import sft
+    from tests.conftest import tiny_sft_overrides
+
+    corpus = tmp_path / "corpus"
+    write_tone_corpus(corpus, num=6, seed=9, words_per_clip=(3, 5), name="train")
+    overrides = tiny_sft_overrides(
+        corpus,
+        tmp_path / "run",
+        "recipe.streaming_prob=1.0",
+        "recipe.streaming_chunk_seconds=1.0",
+        "trainer.max_steps=2",
+        "recipe.export_on_end=false",
+    )
+    cfg = make_config(overrides)
+    assert SFTOptions.from_recipe(cfg.recipe, seed=0).streaming_chunk_seconds == 1.0
+    sft.run(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
