@@ -268,3 +268,15 @@ def test_sft_trains_on_streaming_cuts(tmp_path):
     assert SFTOptions.from_recipe(cfg.recipe, seed=0).streaming_chunk_seconds == 1.0
     sft.run(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_streaming_a_forced_aligner_is_refused(tone_set, tmp_path):
+    from qwen3asr_train.config.schema import ModelConfig
+    from qwen3asr_train.model.builder import build_model
+
+    model, processor = build_model(ModelConfig(source="tiny", task="aligner"), seed=0)
+    aligner = save_native(model, processor, tmp_path / "aligner")
+    overrides = ["recipe=eval", f"recipe.model_path={aligner}", f"+recipe.sets.dev={tone_set}"]
+    cfg = make_config([*overrides, "recipe.streaming.enabled=true", f"run_dir={tmp_path / 'eval'}"])
+    with pytest.raises(ValueError, match="forced aligner, which has no transcripts"):
+        eval_stage.run(cfg)

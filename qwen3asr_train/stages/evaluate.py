@@ -77,6 +77,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model, processor = load_for_inference(recipe.model_path, cfg.model)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if recipe.streaming.enabled and not hasattr(model, "generate"):
+        raise ValueError(
+            f"recipe.streaming.enabled: {recipe.model_path} is a forced aligner, which has no transcripts to stream"
+        )
     rejects = SkipReport()
     sets = load_eval_sets(dict(recipe.sets), row_checks(cfg.data), cfg.data.on_bad_row, rejects=rejects)
     if not hasattr(model, "generate"):  # a forced aligner: timestamps, not transcripts
