@@ -16,6 +16,7 @@ from qwen3asr_train.config.recipes import DecodeConfig, StreamingConfig
 from qwen3asr_train.data.collate import IGNORE_INDEX, SFTCollator, SFTOptions, row_rng, streaming_cut
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.manifest import AlignedWord, RowChecks, Utterance
+from qwen3asr_train.data.prompts import asr_prompt
 from qwen3asr_train.eval.decode import decode
 from qwen3asr_train.eval.hook import load_eval_sets
 from qwen3asr_train.eval.report import rescore_recogs
@@ -114,25 +115,13 @@ def test_each_step_continues_from_its_prefix(exported, tone_set):
     model, processor = load_for_inference(exported)
     sample = _samples(tone_set)[0]
     opts = StreamingConfig(chunk_seconds=0.5, unfixed_chunks=1, unfixed_tokens=2)
-    (state,) = run_streams(
-        [sample.audio],
-        ["<prompt>"],
-        _prompted(hf_generate(model, processor, DecodeConfig())),
-        processor.tokenizer,
-        opts,
-    )
+    generate = hf_generate(model, processor, DecodeConfig())
+    (state,) = run_streams([sample.audio], [asr_prompt()], generate, processor.tokenizer, opts)
     assert state.step == state.num_steps == int(np.ceil(len(sample.audio) / (0.5 * SR)))
     assert state.prefixes[0] == ""
     for prefix, output in zip(state.prefixes, state.outputs, strict=True):
         assert output.startswith(prefix)
     assert any(state.prefixes[1:]), "a later step should have had a prefix"
-
-
-def _prompted(generate):
-    """Replace the test's placeholder prompt with the real ASR prompt (keeping the prefix after it)."""
-    from qwen3asr_train.data.prompts import asr_prompt
-
-    return lambda prompts, audios: generate([asr_prompt() + p.removeprefix("<prompt>") for p in prompts], audios)
 
 
 def test_eval_recipe_reports_streaming_next_to_offline(exported, tone_set, tmp_path):
