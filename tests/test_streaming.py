@@ -269,3 +269,74 @@ def test_streaming_a_forced_aligner_is_refused(tone_set, tmp_path):
     cfg = make_config([*overrides, "recipe.streaming.enabled=true", f"run_dir={tmp_path / 'eval'}"])
     with pytest.raises(ValueError, match="forced aligner, which has no transcripts"):
         eval_stage.run(cfg)
+
+
+# ------------------------------------------------------------------------------ against upstream's own code
+
+UPSTREAM_STREAM = r"""
+import json, sys
+import numpy as np
+from qwen_asr.inference.qwen3_asr import Qwen3ASRModel
+
+class ByteTokenizer:
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+spec = json.loads(sys.argv[1])
+canned, calls = iter(spec["outputs"]), []
+
+class Out:
+    def __init__(self, text):
+        self.outputs = [type("C", (), {"text": text})()]
+
+class FakeLLM:
+    def generate(self, inputs, sampling_params=None, use_tqdm=False):
+        (inp,) = inputs
+        calls.append([inp["prompt"], len(inp["multi_modal_data"]["audio"][0])])
+        return [Out(next(canned))]
+
+m = Qwen3ASRModel.__new__(Qwen3ASRModel)
+m.backend, m.model, m.sampling_params = "vllm", FakeLLM(), None
+m.processor = type("P", (), {"tokenizer": ByteTokenizer()})()
+m._build_text_prompt = lambda context, force_language: "P|"
+state = m.init_streaming_state(unfixed_chunk_num=spec["unfixed_chunks"], unfixed_token_num=spec["unfixed_tokens"],
+                               chunk_size_sec=spec["chunk_seconds"])
+audio = np.zeros(spec["samples"], np.float32)
+for start in range(0, len(audio), 7000):  # audio arrives in pieces unrelated to the chunk size
+    m.streaming_transcribe(audio[start : start + 7000], state)
+m.finish_streaming_transcribe(state)
+print(json.dumps({"calls": calls, "raw": state._raw_decoded}))
+"""
+
+
+@pytest.mark.compat
+def test_same_prompts_and_audio_as_upstreams_streaming_decoder():
+    """Upstream's ``streaming_transcribe``/``finish_streaming_transcribe`` (qwen-asr 0.0.6, vLLM replaced by canned
+    outputs, the same byte tokenizer) issue exactly the prompts and audio lengths our decoder does."""
+    import os
+    import subprocess
+
+    python = os.environ.get("QWEN3ASR_COMPAT_PYTHON")
+    if not python:
+        pytest.skip("QWEN3ASR_COMPAT_PYTHON is not set: run `make test-compat` (it builds .venv-compat)")
+    outputs = ["language English<asr_text>ab", "language English<asr_text>abcd", "efgh", "ijk", "lmnop", "q"]
+    spec = {"outputs": outputs, "unfixed_chunks": 2, "unfixed_tokens": 5, "chunk_seconds": 1.0, "samples": 89000}
+    done = subprocess.run(
+        [python, "-c", UPSTREAM_STREAM, json.dumps(spec)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    canned, ours = iter(outputs), []
+
+    def generate(prompts: list[str], audios: list[np.ndarray]) -> list[Generation]:
+        ours.append([prompts[0], len(audios[0])])
+        text = next(canned)
+        return [Generation(text, text, True)]
+
+    opts = StreamingConfig(chunk_seconds=1.0, unfixed_chunks=2, unfixed_tokens=5)
+    (state,) = run_streams([np.zeros(89000, np.float32)], ["P|"], generate, ByteTokenizer(), opts)
+    assert len(ours) == 6  # 5 full chunks + the 0.56 s tail
+    assert ours == theirs["calls"]
+    assert state.raw == theirs["raw"]
