@@ -340,3 +340,40 @@ def test_same_prompts_and_audio_as_upstreams_streaming_decoder():
     assert len(ours) == 6  # 5 full chunks + the 0.56 s tail
     assert ours == theirs["calls"]
     assert state.raw == theirs["raw"]
+
+
+def _stream_worker(rank: int, world: int, port: int, model_dir: str, manifest: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from qwen3asr_train.eval.streaming import decode_streaming_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, processor = load_for_inference(model_dir)
+    opts = StreamingConfig(chunk_seconds=1.0)
+    results = decode_streaming_distributed(
+        model, processor, _samples(Path(manifest)), DecodeConfig(max_batch_size=1), opts
+    )
+    if rank == 0:
+        Path(out).write_text(json.dumps([r.__dict__ for r in results]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_streaming_on_two_processes_equals_one(exported, tone_set, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two.json"
+    mp.spawn(_stream_worker, args=(2, port, str(exported), str(tone_set), str(out)), nprocs=2, join=True)
+    model, processor = load_for_inference(exported)
+    opts = StreamingConfig(chunk_seconds=1.0)
+    one = decode_streaming(model, processor, _samples(tone_set), DecodeConfig(max_batch_size=1), opts)
+    assert json.loads(out.read_text()) == [r.__dict__ for r in one]
