@@ -68,7 +68,7 @@ class SFTAugmentation:
     no_speech_prob: float = 0.0
     """Probability that a row becomes a no-speech row (silence or noise of the same length; target ``language None<asr_text>``)."""
     streaming_prob: float = 0.0
-    """Probability that a row with word times is cut at a random chunk boundary, its target the words ending before it."""
+    """Probability that a row with word times is cut at a random chunk boundary, its target the words ending by then."""
     streaming_chunk_seconds: float = 2.0
     """Chunk length of the streaming cut: the audio ends at k × this many seconds, before the row's end."""
 

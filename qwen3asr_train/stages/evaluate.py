@@ -4,8 +4,9 @@ The model can be an exported directory in either layout, a Lightning ``.ckpt`` o
 directory (its ``last.ckpt``). Per set: ``recogs-<set>.txt``, ``errs-<set>.txt``, ``wer-summary-<set>.txt``,
 ``results-<set>.jsonl``; over all sets: ``summary.md``, ``summary.json`` and ``error_rates.png``; the
 summary table is logged at the end. With ``recipe.streaming.enabled`` the sets are also decoded as upstream
-streams (``eval/streaming.py``): the same files under ``streaming/`` and ``streaming_summary.{md,json}``. Launched with ``torchrun --nproc_per_node=N``, the decoding is
-sharded by batch over the processes and gathered (same results as one process).
+streams (``eval/streaming.py``): the same files under ``streaming/`` and ``streaming_summary.{md,json}``.
+Launched with ``torchrun --nproc_per_node=N``, the decoding is sharded by batch over the processes and
+gathered (same results as one process).
 """
 
 from __future__ import annotations
