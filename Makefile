@@ -51,7 +51,7 @@ $(COMPAT_STAMP): tests/compat/requirements.txt
 compat-venv: $(COMPAT_STAMP) ## the upstream package (qwen-asr 0.0.6, transformers 4.57.6) in its own venv
 
 test-compat: install compat-venv ## both directions against upstream qwen-asr in its own venv (vLLM names too)
-	QWEN3ASR_COMPAT_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(PY) -m pytest -q -m compat tests/test_compat.py
+	QWEN3ASR_COMPAT_PYTHON=$(abspath $(COMPAT_VENV))/bin/python $(PY) -m pytest -q -m compat tests/test_compat.py tests/test_streaming.py
 
 test-gpu: install ## CUDA tests (they skip cleanly without a GPU)
 	$(PY) -m pytest -q -rs -m gpu

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
@@ -80,6 +81,41 @@ def _batches(samples: Sequence[Sample], opts: DecodeOptions) -> list[list[int]]:
     return duration_batches([s.utt.duration for s in samples], opts.max_batch_seconds, opts.max_batch_size)
 
 
+def end_token_ids(processor: Qwen3ASRProcessor) -> list[int]:
+    """``<|im_end|>`` and ``<|endoftext|>``: generation stops at either."""
+    tok = processor.tokenizer
+    return [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    processor: Qwen3ASRProcessor,
+    prompts: Sequence[str],
+    audios: Sequence[np.ndarray],
+    opts: DecodeOptions,
+) -> list[list[int]]:
+    """The new token ids of a left-padded batch, greedy (or beam) search, the budget bounded by the longest
+    audio (``tokens_per_second`` × seconds + ``min_new_tokens``, capped): offline and streaming decoding alike."""
+    param = next(model.parameters())
+    inputs = processor(text=list(prompts), audio=list(audios), padding_side="left", sampling_rate=SAMPLE_RATE).to(
+        param.device
+    )
+    inputs["input_features"] = inputs["input_features"].to(param.dtype)
+    longest = max(len(a) for a in audios) / SAMPLE_RATE
+    budget = min(opts.max_new_tokens_cap, math.ceil(opts.tokens_per_second * longest) + opts.min_new_tokens)
+    end_ids = end_token_ids(processor)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=budget,
+        do_sample=False,
+        num_beams=opts.num_beams,
+        eos_token_id=end_ids,
+        pad_token_id=end_ids[1],
+    )
+    return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -95,8 +131,7 @@ def decode(
     """
     opts = opts or DecodeOptions()
     tok = processor.tokenizer
-    end_ids = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
-    device = next(model.parameters()).device
+    end_ids = end_token_ids(processor)
     was_training = model.training
     model.eval()
     results: dict[int, DecodeResult] = {}
@@ -107,23 +142,9 @@ def decode(
             prompts = [
                 asr_prompt(r.utt.context if opts.use_context else "", f) for r, f in zip(rows, forced, strict=True)
             ]
-            inputs = processor(
-                text=prompts, audio=[r.audio for r in rows], padding_side="left", sampling_rate=SAMPLE_RATE
-            ).to(device)
-            longest = max(len(r.audio) for r in rows) / SAMPLE_RATE
-            budget = min(opts.max_new_tokens_cap, math.ceil(opts.tokens_per_second * longest) + opts.min_new_tokens)
-            inputs["input_features"] = inputs["input_features"].to(next(model.parameters()).dtype)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=budget,
-                do_sample=False,
-                num_beams=opts.num_beams,
-                eos_token_id=end_ids,
-                pad_token_id=end_ids[1],
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]
+            new = generate_ids(model, processor, prompts, [r.audio for r in rows], opts)
             for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                ids = new[k].tolist()
+                ids = new[k]
                 finished = any(t in end_ids for t in ids)
                 text = decode_readable(tok, ids)
                 results[i] = DecodeResult(

@@ -45,8 +45,8 @@ import torch.distributed as dist
 from qwen3asr_train.config.recipes import DecodeConfig, StreamingConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
-from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
-from qwen3asr_train.eval.decode import decode_readable, duration_batches
+from qwen3asr_train.data.prompts import asr_prompt
+from qwen3asr_train.eval.decode import decode_readable, duration_batches, end_token_ids, generate_ids
 from qwen3asr_train.eval.metrics import MetricAggregator
 from qwen3asr_train.eval.report import DecodeResult, score_results, summarize_set, write_set_reports
 
@@ -170,31 +170,16 @@ def hf_generate(model: torch.nn.Module, processor: Any, opts: DecodeConfig) -> G
     """A :data:`GenerateFn` on a transformers model: left-padded batch, greedy (or beam) search, the
     generation budget bounded by the longest audio of the batch exactly as offline decoding bounds it."""
     tok = processor.tokenizer
-    end_ids = [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
-    param = next(model.parameters())
+    end_ids = end_token_ids(processor)
 
-    @torch.no_grad()
     def generate(prompts: list[str], audios: list[np.ndarray]) -> list[Generation]:
-        inputs = processor(text=prompts, audio=audios, padding_side="left", sampling_rate=SAMPLE_RATE).to(param.device)
-        inputs["input_features"] = inputs["input_features"].to(param.dtype)
-        longest = max(len(a) for a in audios) / SAMPLE_RATE
-        budget = min(opts.max_new_tokens_cap, math.ceil(opts.tokens_per_second * longest) + opts.min_new_tokens)
-        out = model.generate(
-            **inputs,
-            max_new_tokens=budget,
-            do_sample=False,
-            num_beams=opts.num_beams,
-            eos_token_id=end_ids,
-            pad_token_id=end_ids[1],
-        )
-        new = out[:, inputs["input_ids"].shape[1] :].tolist()
         return [
             Generation(
                 text=tok.decode(ids, skip_special_tokens=True),
                 readable=decode_readable(tok, ids),
                 finished=any(t in end_ids for t in ids),
             )
-            for ids in new
+            for ids in generate_ids(model, processor, prompts, audios, opts)
         ]
 
     return generate
@@ -252,22 +237,19 @@ def decode_streaming(
 
 
 def decode_streaming_distributed(
-    model: torch.nn.Module,
-    processor: Any,
-    samples: Sequence[Sample],
-    decode_opts: DecodeConfig | None = None,
-    opts: StreamingConfig | None = None,
+    model: torch.nn.Module, processor: Any, samples: Sequence[Sample], *options: Any
 ) -> list[DecodeResult]:
-    """:func:`decode_streaming` with every rank taking every world-th utterance; all ranks get all results.
+    """:func:`decode_streaming` (``options``: its decode and streaming options) with every rank taking every
+    world-th utterance; all ranks get all results.
 
     Utterances, not batches, are dealt out (a step's batches change as utterances finish); batch-mates only
     touch a row through padding, which the encoder masks (``docs/decisions.md``).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return decode_streaming(model, processor, samples, decode_opts, opts)
+        return decode_streaming(model, processor, samples, *options)
     rank, world = dist.get_rank(), dist.get_world_size()
     indices = list(range(rank, len(samples), world))
-    local = decode_streaming(model, processor, [samples[i] for i in indices], decode_opts, opts) if indices else []
+    local = decode_streaming(model, processor, [samples[i] for i in indices], *options) if indices else []
     gathered: list[list[tuple[int, DecodeResult]]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, list(zip(indices, local, strict=True)))
     merged = dict(pair for part in gathered for pair in part)
