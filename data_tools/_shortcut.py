@@ -8,6 +8,7 @@ in ``qwen3asr_train.tools`` so that ``pip install .`` users get the same command
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, uninstalled
@@ -15,6 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p
 from qwen3asr_train.tools.cli import main as cli_main  # noqa: E402
 
 
-def run(subcommand: str) -> None:
-    """Run ``qwen3asr-data <subcommand>`` with this process's arguments; exit with its status."""
-    raise SystemExit(cli_main([subcommand, *sys.argv[1:]]))
+def shortcut(subcommand: str) -> Callable[[Sequence[str] | None], int]:
+    """``main(argv=None)`` of a shortcut: run ``qwen3asr-data <subcommand>`` with ``argv`` (default: the
+    command line) and return its exit status."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return cli_main([subcommand, *(sys.argv[1:] if argv is None else argv)])
+
+    main.__doc__ = f"Run ``qwen3asr-data {subcommand}``; return the exit status."
+    return main

@@ -1,5 +1,12 @@
 """Checkout shortcut for ``qwen3asr-data import-lhotse`` (see ``qwen3asr-data import-lhotse --help``)."""
 
-from _shortcut import run
+import sys
+from pathlib import Path
 
-run("import-lhotse")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _shortcut.py lies beside this file
+
+from _shortcut import shortcut  # noqa: E402
+
+main = shortcut("import-lhotse")
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,12 @@
 """Checkout shortcut for ``qwen3asr-data mfa-layout`` (see ``qwen3asr-data mfa-layout --help``)."""
 
-from _shortcut import run
+import sys
+from pathlib import Path
 
-run("mfa-layout")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _shortcut.py lies beside this file
+
+from _shortcut import shortcut  # noqa: E402
+
+main = shortcut("mfa-layout")
+if __name__ == "__main__":
+    raise SystemExit(main())
