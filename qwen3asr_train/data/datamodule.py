@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,6 +24,7 @@ from transformers import Qwen3ASRProcessor
 from qwen3asr_train.config.schema import DataConfig
 from qwen3asr_train.data.collate import WindowCollator, candidate_words
 from qwen3asr_train.data.dataset import UtteranceDataset, WindowDataset
+from qwen3asr_train.data.lazy import LazyDataset, LazyRows, LazyWindowSampler
 from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, Utterance, read_manifests
 from qwen3asr_train.data.sampler import DurationWindowSampler
 from qwen3asr_train.languages import LanguageTable
@@ -43,6 +46,11 @@ def load_train_utterances(cfg: DataConfig, report: SkipReport | None = None) -> 
 
     ``report`` collects the rows the skip policy dropped (the stage writes them to ``rejects.jsonl``).
     """
+    if cfg.lazy:
+        raise ValueError(
+            "data.lazy=true streams the manifests; this stage reads every row at start (lazy data is SFT-only: "
+            "recipe=sft, see docs/data.md 'Large corpora'); set data.lazy=false"
+        )
     checks = row_checks(cfg)
     report = report if report is not None else SkipReport()
     local = SkipReport()
@@ -63,6 +71,81 @@ def load_train_utterances(cfg: DataConfig, report: SkipReport | None = None) -> 
         )
         items = items[: cfg.max_utterances]
     return items, hf
+
+
+@dataclass
+class TrainData:
+    """A stage's training data, eager or lazy (``data.lazy``), behind one interface.
+
+    ``utterances`` is every row on the eager path; on the lazy path only the first ``data.bucket_estimate_rows``
+    rows (they train the tiny tokenizer, seed the distractor pool and stand for the data in the run plan), and
+    ``lazy`` streams the rest while training runs.
+    """
+
+    utterances: list[Utterance]
+    hf: Any = None
+    lazy: LazyRows | None = None
+
+    def plan_sources(self) -> dict[str, list[Utterance]]:
+        """``spine.run_plan``'s sources: all rows, or (lazy) the head rows."""
+        return {"train": self.utterances}
+
+    def plan_extra(self) -> dict[str, Any]:
+        """Extra run-plan entries: the lazy stream's files (path, size, mtime) and the Lhotse version that
+        orders its batches (a resume with another version could not replay the same batches)."""
+        if self.lazy is None:
+            return {}
+        import lhotse
+
+        return {"lazy_data": {**self.lazy.fingerprint(), "lhotse": lhotse.__version__}}
+
+    def apply_token_limit(self, processor: Qwen3ASRProcessor, cfg: DataConfig, report: SkipReport | None) -> None:
+        """``data.max_text_tokens``: over all rows now (eager), or on each row as the stream reaches it (lazy)."""
+        self.utterances = drop_long_targets(self.utterances, processor, cfg, report if self.lazy is None else None)
+        if self.lazy is not None:
+            self.lazy.row_filter = token_limit_filter(processor, cfg.max_text_tokens)
+
+    def dataset(self, cfg: DataConfig, rejects_path: Path | None = None, rank: int = 0) -> UtteranceDataset:
+        """The training dataset; rows skipped later (decoding, lazy rows) are appended to ``rejects_path``."""
+        if self.lazy is not None:
+            dataset: UtteranceDataset = LazyDataset(self.lazy, cfg.on_bad_row)
+            self.lazy.rejects_path = rejects_path if rank == 0 else None
+        else:
+            dataset = UtteranceDataset(self.utterances, cfg.on_bad_row, self.hf, cfg.hf_train.audio_column)
+        dataset.rejects_path = rejects_path
+        return dataset
+
+
+def load_train_data(cfg: DataConfig, seed: int, report: SkipReport | None = None) -> TrainData:
+    """The stage's training data: :func:`load_train_utterances` (eager), or a :class:`LazyRows` stream
+    (``data.lazy``) of which only the first ``data.bucket_estimate_rows`` rows are read now."""
+    if not cfg.lazy:
+        items, hf = load_train_utterances(cfg, report)
+        return TrainData(items, hf)
+    if cfg.hf_train.path:
+        raise ValueError(
+            "data.lazy=true reads JSONL manifests and Lhotse cut manifests; data.hf_train needs lazy=false"
+        )
+    rows = LazyRows(cfg.train, row_checks(cfg), cfg.on_bad_row, cfg.max_utterances, cfg.shuffle, seed)
+    head = rows.head(cfg.bucket_estimate_rows)
+    if not head:
+        raise ManifestError(f"{cfg.train}: no usable rows", "empty_manifest")
+    log.info("data.lazy: streaming %s; read the first %d rows at start", [str(p) for p in cfg.train], len(head))
+    return TrainData(head, None, rows)
+
+
+def token_limit_filter(processor: Qwen3ASRProcessor, max_tokens: int) -> Callable[[Utterance], ManifestError | None]:
+    """The ``data.max_text_tokens`` check for one row (the lazy stream applies it as rows are reached)."""
+
+    def check(utt: Utterance) -> ManifestError | None:
+        n = len(processor.tokenizer.encode(utt.text, add_special_tokens=False))
+        if n > max_tokens:
+            return ManifestError(
+                f"{utt.source}: text has {n} tokens > data.max_text_tokens={max_tokens}", "text_too_long"
+            )
+        return None
+
+    return check
 
 
 def drop_long_targets(
@@ -88,7 +171,7 @@ def drop_long_targets(
 class WindowedLoader:
     """Flattens a DataLoader of windows into micro-batches; stateful for Lightning's mid-epoch resume."""
 
-    def __init__(self, loader: DataLoader, sampler: DurationWindowSampler) -> None:
+    def __init__(self, loader: DataLoader, sampler: DurationWindowSampler | LazyWindowSampler) -> None:
         self.loader = loader
         self.sampler = sampler  # Lightning calls sampler.set_epoch at each epoch start
         self.batch_sampler = None  # Lightning inspects it; batching happens in ``sampler``
@@ -98,6 +181,7 @@ class WindowedLoader:
             yield from window_batches
 
     def __len__(self) -> int:
+        """Micro-batches of this rank's epoch; a TypeError on the lazy path (Lightning then counts steps only)."""
         return self.sampler.num_micro_batches()
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,17 +243,23 @@ class ASRDataModule(L.LightningDataModule):
     ) -> WindowedLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = DurationWindowSampler(
-            dataset.durations(),
-            max_seconds=self.cfg.max_batch_seconds,
-            max_batch_size=self.cfg.max_batch_size,
-            window=window,
-            num_buckets=self.cfg.num_buckets,
-            shuffle=shuffle,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-        )
+        sampler: DurationWindowSampler | LazyWindowSampler
+        if isinstance(dataset, LazyDataset):
+            sampler = LazyWindowSampler(
+                dataset.rows,
+                max_seconds=self.cfg.max_batch_seconds,
+                max_batch_size=self.cfg.max_batch_size,
+                window=window,
+                num_buckets=self.cfg.num_buckets,
+                shuffle=shuffle,
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+                buffer_size=self.cfg.bucket_buffer_size,
+                estimate_rows=self.cfg.bucket_estimate_rows,
+            )
+        else:
+            sampler = self._eager_sampler(dataset, window, shuffle, rank, world)
         loader = DataLoader(
             WindowDataset(dataset),
             sampler=sampler,
@@ -181,8 +271,32 @@ class ASRDataModule(L.LightningDataModule):
         )
         return WindowedLoader(loader, sampler)
 
+    def _eager_sampler(
+        self, dataset: UtteranceDataset, window: int, shuffle: bool, rank: int, world: int
+    ) -> DurationWindowSampler:
+        return DurationWindowSampler(
+            dataset.durations(),
+            max_seconds=self.cfg.max_batch_seconds,
+            max_batch_size=self.cfg.max_batch_size,
+            window=window,
+            num_buckets=self.cfg.num_buckets,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+
     def micro_batches_per_epoch(self) -> int:
-        """Training micro-batches in one epoch over all ranks (sizes the learning-rate schedule)."""
+        """Training micro-batches in one epoch over all ranks (sizes the learning-rate schedule).
+
+        Raises:
+            TypeError: on the lazy path, where the epoch's length is unknown until it has been read (the
+                stage then sizes the schedule from ``trainer.max_steps``).
+        """
+        if isinstance(self.train_set, LazyDataset):
+            raise TypeError(
+                "data.lazy=true: the epoch's length is unknown until it has been read (set trainer.max_steps)"
+            )
         sampler = DurationWindowSampler(
             self.train_set.durations(),
             self.cfg.max_batch_seconds,

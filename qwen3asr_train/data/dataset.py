@@ -57,7 +57,10 @@ class UtteranceDataset:
 
     def load(self, index: int) -> Sample | None:
         """Decode one utterance; ``None`` when it is unreadable and the policy is ``skip``."""
-        utt = self.utterances[index]
+        return self.load_utterance(self.utterances[index], index)
+
+    def load_utterance(self, utt: Utterance, index: int) -> Sample | None:
+        """Decode ``utt`` as the sample numbered ``index`` (the number keys its augmentation draws)."""
         try:
             source: Any = utt.audio
             if utt.audio.startswith(HF_PREFIX):
@@ -103,8 +106,11 @@ class WindowDataset:
     def __getitem__(self, window: Window) -> tuple[Window, list[list[Sample]], int]:
         micro = []
         skipped = 0
-        for indices in window.micro_batches:
-            samples = [self.dataset.load(i) for i in indices]
+        for k, indices in enumerate(window.micro_batches):
+            if window.items is not None:  # the lazy path: the window carries its rows
+                samples = [self.dataset.load_utterance(u, i) for u, i in zip(window.items[k], indices, strict=True)]
+            else:
+                samples = [self.dataset.load(i) for i in indices]
             kept = [s for s in samples if s is not None]
             skipped += len(samples) - len(kept)
             micro.append(kept)

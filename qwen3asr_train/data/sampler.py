@@ -40,6 +40,9 @@ class Window:
     first_micro: int
     """Index of the first micro-batch of this window within this rank's epoch."""
     micro_batches: tuple[tuple[int, ...], ...]
+    items: tuple[tuple[Any, ...], ...] | None = None
+    """The micro-batches' utterances themselves, parallel to ``micro_batches`` (the lazy path, which has no
+    random access to rows: :mod:`qwen3asr_train.data.lazy`); ``None``: look indices up in the dataset."""
 
 
 def pack_by_duration(

@@ -119,12 +119,16 @@ def _check_recording(rec: Any, sup: Any) -> tuple[str, str] | None:
     return None
 
 
-def _row(sup: Any, rec: Any, start: float, writer: ManifestWriter, language: str | None) -> dict[str, Any]:
-    """A manifest row for supervision ``sup`` starting at ``start`` s into recording ``rec``."""
+def _row(sup: Any, rec: Any, start: float, out_dir: Path | None, language: str | None) -> dict[str, Any]:
+    """A manifest row for supervision ``sup`` starting at ``start`` s into recording ``rec``.
+
+    ``out_dir``: the audio path is written relative to it when the file lies under it (an import); ``None``
+    writes it absolute, resolved as Lhotse resolves it (lazy training reads, :func:`cut_rows`)."""
     custom = sup.custom or {}
+    source = Path(rec.sources[0].source)
     record: dict[str, Any] = {
         "id": sup.id,
-        "audio": audio_reference(Path(rec.sources[0].source), writer.out_dir),
+        "audio": audio_reference(source, out_dir) if out_dir is not None else str(source.absolute()),
         "text": sup.text or "",
         "offset": round(start, TIME_DECIMALS),
         "duration": round(sup.duration, TIME_DECIMALS),
@@ -184,7 +188,7 @@ def import_lhotse(manifests: list[Path], writer: ManifestWriter, language: str |
                 if problem:
                     writer.reject(path, line, *problem)
                     continue
-                writer.add(_row(sup, cut.recording, cut.start + sup.start, writer, language), path, line)
+                writer.add(_row(sup, cut.recording, cut.start + sup.start, writer.out_dir, language), path, line)
     if sup_sets:
         rec_path, recs = rec_sets[0]
         for path, sups in sup_sets:
@@ -197,5 +201,36 @@ def import_lhotse(manifests: list[Path], writer: ManifestWriter, language: str |
                 if problem:
                     writer.reject(path, line, *problem)
                     continue
-                writer.add(_row(sup, rec, sup.start, writer, language), path, line)
+                writer.add(_row(sup, rec, sup.start, writer.out_dir, language), path, line)
     return {"sources": [str(p) for p in manifests]}
+
+
+def is_cut_row(row: Any) -> bool:
+    """Whether a decoded JSONL row is a serialised Lhotse cut (``MonoCut``/``MixedCut`` have a ``type``)."""
+    return isinstance(row, dict) and row.get("type") in {"MonoCut", "MixedCut", "PaddingCut", "MultiCut"}
+
+
+def cut_rows(row: dict[str, Any], language: str | None = None) -> list[dict[str, Any]] | tuple[str, str]:
+    """The manifest rows of one serialised cut (one per supervision), or ``(reason, message)`` for a reject.
+
+    Why: lazy training (``data.lazy``) reads Lhotse cut manifests line by line, so each cut goes through
+    the same mapping as :func:`import_lhotse` and then the same row checks as our own manifests.
+    """
+    from lhotse.cut import MonoCut
+    from lhotse.serialization import deserialize_item
+
+    try:
+        cut = deserialize_item(row)
+    except Exception as exc:  # lhotse raises KeyError/TypeError/ValueError for malformed items
+        return "lhotse_bad_cut", f"not a readable Lhotse cut ({type(exc).__name__}: {exc})"
+    if not isinstance(cut, MonoCut) or cut.recording is None:
+        return "lhotse_mixed_cut", f"cut {cut.id!r} is a {type(cut).__name__} without one recording"
+    if not cut.supervisions:
+        return "no_supervision", f"cut {cut.id!r} has no supervision (no transcript)"
+    rows = []
+    for sup in cut.supervisions:
+        problem = _check_recording(cut.recording, sup)
+        if problem:
+            return problem
+        rows.append(_row(sup, cut.recording, cut.start + sup.start, None, language))
+    return rows
