@@ -141,6 +141,14 @@ class DataConfig:
     """In multi-process runs, drop the last few batches so every rank sees the same number of batches."""
     max_utterances: int = 0
     """Train on the first N rows that pass the checks (0 = all): debug runs and quick trials on a big corpus."""
+    lazy: bool = False
+    """Read training manifests (ours or Lhotse cut manifests) row by row as training needs them, with Lhotse's
+    dynamic duration bucketing over a bounded buffer: start time and memory do not grow with the corpus
+    (``docs/data.md``, "Large corpora"). Needs ``trainer.max_steps``; SFT only."""
+    bucket_buffer_size: int = 20000
+    """Lazy path: rows held in the bucketing buffer (memory, and how far the order is shuffled)."""
+    bucket_estimate_rows: int = 10000
+    """Lazy path: the first N rows estimate the duration bucket edges (and feed the tokenizer and plan)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-audio augmentation: noise, speed, volume, SpecAugment (all off by default)."""
 
