@@ -88,6 +88,9 @@ class SFTConfig(SFTAugmentation):
     ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""
     export_on_end: bool = True
     """Write a transformers-native export of the final weights to ``<run_dir>/export``."""
+    ce_chunk_tokens: int = 512
+    """Targets per chunk of the LM-head cross-entropy, each chunk recomputed in backward, so no full
+    [targets × vocab] fp32 logits tensor exists (0: all targets at once). Same loss and gradients."""
 
     def validate(self) -> None:
         for key in (
@@ -273,6 +276,9 @@ class GSPOSampling:
     """Probability that a rollout prompt forces the reference language."""
     context_prob: float = 0.0
     """Probability that a rollout prompt gets hot words from its transcript (rewarded by keyword_recall)."""
+    shared_prefix: bool = True
+    """Prefill each prompt once and sample its G continuations from the repeated cache (log-prob passes too);
+    false: the plain path (prompt repeated G times before ``generate``), kept for comparison (docs/gspo.md)."""
 
 
 @dataclass
@@ -315,6 +321,9 @@ class GSPOConfig(GSPOSampling):
     ``rl.rollout.RolloutEngine`` (``generate``, ``sync_weights``): transformers ``generate`` by default."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
+    reuse_prompt_state: bool = True
+    """Behaviour log-probs reuse the rollout's prefilled prompts (audio embeddings + prompt cache) instead of
+    recomputing them: the weights are the same (no update in between). Needs an engine that returns them."""
     export_on_end: bool = True
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 
@@ -376,8 +385,10 @@ class AlignerConfig:
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
     """Silence inserted between concatenated utterances."""
-    on_unit_mismatch: str = "error"
-    """A manifest whose words differ from the aligner's word units of its text: ``error`` or ``skip`` (counted)."""
+    on_unit_mismatch: str = "resplit"
+    """A row whose words differ from the aligner's word units of its text: ``resplit`` (re-cut exactly when the
+    units merge whole words, else skip), ``skip``, or ``strict`` (= ``error``: raise naming file and line).
+    Counted per language in ``unit_policy.json``."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (newest intact checkpoint, or a fresh start), ``last`` or a ``.ckpt`` path."""
     export_on_end: bool = True
@@ -388,7 +399,11 @@ class AlignerConfig:
         _require(
             self.concat_max_seconds >= 0 and self.concat_gap_seconds >= 0, "recipe.concat_max_seconds", "must be >= 0"
         )
-        _require(self.on_unit_mismatch in {"error", "skip"}, "recipe.on_unit_mismatch", "must be error|skip")
+        _require(
+            self.on_unit_mismatch in {"resplit", "skip", "strict", "error"},
+            "recipe.on_unit_mismatch",
+            "must be resplit|skip|strict (error = strict)",
+        )
         _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
         _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")

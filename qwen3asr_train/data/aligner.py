@@ -31,11 +31,14 @@ same draws; evaluation uses ``slot_prob=1.0`` (every word slotted, like inferenc
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import zlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,7 +49,7 @@ from qwen3asr_train.data.collate import IGNORE_INDEX, mel_features, model_inputs
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
 from qwen3asr_train.data.manifest import AlignedWord, ManifestError, SkipReport, Utterance
 from qwen3asr_train.data.prompts import AUDIO_PAD, TIMESTAMP, aligner_input
-from qwen3asr_train.data.word_units import split_words
+from qwen3asr_train.data.word_units import clean_token, split_words
 from qwen3asr_train.languages import CER_LANGUAGES, FORCED_ALIGNER_LANGUAGES
 
 if TYPE_CHECKING:
@@ -405,27 +408,174 @@ class LongFormDataset(UtteranceDataset):
         return Sample(merged[0].utt, merged[0].audio, index)
 
 
+UNIT_POLICIES = ("resplit", "skip", "strict")
+"""What happens to a row whose word times are not cut into the aligner's word units (``recipe.on_unit_mismatch``):
+
+- ``resplit`` (default): re-cut the times into the aligner's units when every unit boundary is also a
+  boundary of the manifest's words (units made by merging whole words, or by dropping punctuation: the
+  times stay exact); otherwise the row is skipped. Every outcome is counted per language.
+- ``skip``: every mismatching row is skipped (counted per language).
+- ``strict`` (alias ``error``): the first mismatching row raises, naming its file and line.
+"""
+
+
+@dataclass
+class UnitPolicyReport:
+    """Per-language counts of what the word-unit policy did: ``matched`` (units already right), ``resplit``
+    (times re-cut exactly), ``skipped`` (dropped), per ``what`` (``train``, ``eval:<set>``...).
+
+    Why per language: Japanese and Korean are cut by tokenizers (nagisa, soynlp) that MFA or a TTS front end
+    do not follow, so mismatches concentrate in those languages; a run that silently drops half of its
+    Japanese rows looks fine in the overall numbers. Written as ``unit_policy.json`` next to the results.
+    """
+
+    counts: dict[str, dict[str, Counter]] = field(default_factory=dict)
+
+    def add(self, what: str, language: str | None, outcome: str) -> None:
+        self.counts.setdefault(what, {}).setdefault(language or "None", Counter())[outcome] += 1
+
+    def as_dict(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{what: {language: {"matched": n, "resplit": n, "skipped": n}}}`` (all three keys always present)."""
+        return {
+            what: {
+                lang: {k: int(c.get(k, 0)) for k in ("matched", "resplit", "skipped")}
+                for lang, c in sorted(langs.items())
+            }
+            for what, langs in self.counts.items()
+        }
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    def log(self, what: str) -> None:
+        for lang, c in sorted(self.counts.get(what, {}).items()):
+            if c.get("resplit", 0) or c.get("skipped", 0):
+                log.warning(
+                    "%s, %s: word units of %d rows re-cut to the aligner's units, %d rows skipped, %d already right",
+                    what,
+                    lang,
+                    c.get("resplit", 0),
+                    c.get("skipped", 0),
+                    c.get("matched", 0),
+                )
+
+
+def _normalise_unit_policy(units: str) -> str:
+    units = "strict" if units == "error" else units
+    if units not in UNIT_POLICIES:
+        raise ValueError(f"word-unit policy must be one of {UNIT_POLICIES} (or 'error' = strict), got {units!r}")
+    return units
+
+
+def resplit_words(utt: Utterance, language: str | None = None) -> list[AlignedWord] | None:
+    """``utt.words`` re-cut into ``split_words(utt.text)`` units with exact times, or ``None`` when impossible.
+
+    The manifest's words are cleaned like the aligner cleans units (punctuation, symbols dropped) and their
+    characters compared with the units' characters. When both spell the same character sequence and every
+    unit starts and ends on a manifest word's boundary, a unit's span runs from its first word's start to
+    its last word's end (``well - known`` -> ``wellknown``; ``東京 都`` -> ``東京都``). A unit that would start
+    or end *inside* a manifest word (``東京都`` -> ``東京``, ``都``) has no measured time: ``None``, and the caller
+    skips the row rather than invent one. Manifest words that clean to nothing are dropped.
+    """
+    if utt.words is None:
+        return None
+    units = split_words(utt.text, language if language is not None else utt.language)
+    pieces = [(clean_token(w.word), w) for w in utt.words]
+    pieces = [(c, w) for c, w in pieces if c]
+    if "".join(c for c, _ in pieces) != "".join(units):
+        return None
+    out: list[AlignedWord] = []
+    k = 0  # next manifest piece
+    for unit in units:
+        taken, start, end = "", None, None
+        while len(taken) < len(unit) and k < len(pieces):
+            chars, word = pieces[k]
+            taken += chars
+            start = word.start if start is None else start
+            end = word.end
+            k += 1
+        if taken != unit or start is None or end is None:  # the unit ends inside a manifest word
+            return None
+        out.append(AlignedWord(unit, start, end))
+    return out if k == len(pieces) else None
+
+
 def usable_for_alignment(
-    items: Sequence[Utterance], policy: str, what: str, rejects: SkipReport | None = None
+    items: Sequence[Utterance],
+    policy: str,
+    what: str,
+    rejects: SkipReport | None = None,
+    *,
+    units: str = "resplit",
+    report: UnitPolicyReport | None = None,
 ) -> list[Utterance]:
-    """Utterances with word times matching the aligner's word units; others raise or are skipped (counted,
-    and added to ``rejects`` tagged with ``what``)."""
-    kept, report = [], SkipReport()
+    """Utterances whose word times are in the aligner's word units, after the word-unit policy.
+
+    ``policy`` (``error`` | ``skip``, the data's ``on_bad_row``) governs rows that cannot be aligned at all
+    (no-speech rows, rows without word times). ``units`` (:data:`UNIT_POLICIES`) governs rows whose words
+    differ from ``split_words(text)``: re-cut (returned with the re-cut words), skipped, or raised. Skipped
+    rows are counted in ``rejects`` (reason ``unit_mismatch``, tagged with ``what``) and every outcome per
+    language in ``report``; a warning line per language says what happened. By default nothing stops the run.
+
+    Raises:
+        ManifestError: ``policy="error"`` and a row without words, or ``units="strict"`` and a mismatching
+            row (the message names ``file:line``).
+    """
+    units = _normalise_unit_policy(units)
+    report = report if report is not None else UnitPolicyReport()
+    kept, skipped = [], SkipReport()
     for utt in items:
-        try:
-            if utt.language is None:
-                raise ManifestError(f"{utt.source}: no-speech rows have no words to align", "no_speech")
-            check_word_units(utt)
-        except (ManifestError, ValueError) as exc:
+        if utt.language is None or utt.words is None:
+            message = (
+                f"{utt.source}: no-speech rows have no words to align"
+                if utt.language is None
+                else f"{utt.source or utt.id}: utterance {utt.id!r} has no word times ('words')"
+            )
+            reason = "no_speech" if utt.language is None else "no_words"
             if policy == "error":
-                raise ManifestError(str(exc), getattr(exc, "reason", "unit_mismatch")) from None
-            report.add(getattr(exc, "reason", "unit_mismatch"), str(exc), utt.source)
+                raise ManifestError(message, reason)
+            skipped.add(reason, message, utt.source)
             continue
+        try:
+            check_word_units(utt)
+        except ValueError as exc:
+            if units == "strict":
+                raise ManifestError(f"{exc} (recipe.on_unit_mismatch=strict)", "unit_mismatch") from None
+            words = resplit_words(utt) if units == "resplit" else None
+            if words is None:
+                skipped.add("unit_mismatch", f"{exc} [{utt.language}]", utt.source)
+                report.add(what, utt.language, "skipped")
+                continue
+            report.add(what, utt.language, "resplit")
+            kept.append(replace(utt, words=words))
+            continue
+        report.add(what, utt.language, "matched")
         kept.append(utt)
+    skipped.log(what)
     report.log(what)
     if rejects is not None:
-        rejects.extend(report, what)
+        rejects.extend(skipped, what)
     outside = sorted({u.language for u in kept} - set(FORCED_ALIGNER_LANGUAGES) - {None})
     if outside:
         log.warning("languages outside the released aligner's 11: %s (training a new language)", outside)
     return kept
+
+
+def usable_samples(
+    samples: Sequence[Sample],
+    policy: str,
+    what: str,
+    rejects: SkipReport | None = None,
+    *,
+    units: str = "resplit",
+    report: UnitPolicyReport | None = None,
+) -> list[Sample]:
+    """:func:`usable_for_alignment` for decoded samples (evaluation sets): re-cut rows keep their audio."""
+    kept = usable_for_alignment(
+        [s.utt for s in samples], policy, what, rejects, units=units, report=report
+    )  # same order, subset
+    by_id = {u.id: u for u in kept}
+    return [Sample(by_id[s.utt.id], s.audio, s.index) for s in samples if s.utt.id in by_id]

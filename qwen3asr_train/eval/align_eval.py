@@ -3,21 +3,32 @@
 Every word is slotted (as at inference), the logits' argmax at the ``<timestamp>`` positions × 80 ms is
 repaired to a monotonic sequence exactly as upstream does, and compared with the reference word times:
 the accumulated average shift (AAS, mean |pred − ref| over word starts and ends, ms) and the shares of
-boundaries within 20 / 50 / 100 ms, per set and language. The same numbers are computed for the
+boundaries within 20 / 50 / 100 ms, per set and language, and the AAS by the boundary's time in the clip
+(0-1, 1-2, 2-5, 5-10, 10-30, >30 s: does the error grow with time?). The same numbers are computed for the
 no-model energy baseline (words spread over the detected speech region by character count): a result
 only means something if it beats it. Work is sharded by batch over ranks and gathered, like ASR decoding.
+
+Clips longer than the model's classes address (``num_labels`` × 80 ms: 30 s for a 375-class model) are
+aligned in pieces: cut in the middle of the widest pause between two reference words in the second half of
+each window, aligned separately, times offset back. This is the information a segment-level transcript
+gives a long-audio pipeline (upstream aligns ASR chunks of ≤180 s with each chunk's own text); the cut
+points come from the reference, so the chunked number measures the aligner, not a segmenter.
 
 Artifacts per set: ``alignments-<set>.json`` (per-utterance predictions and references),
 ``textgrids-<set>/<id>.TextGrid`` (predicted and reference tiers), ``plots-<set>/<id>.png`` for the first
 utterance of every language of the set (``eval/plots.py``: legend, labels that never overlap, the
-utterance's AAS in the title); over all sets: ``alignment_summary.{json,md}``, the table linking the plots.
+utterance's AAS in the title); over all sets: ``alignment_summary.{json,md}`` (per language, and by time in
+the clip next to the energy baseline), ``aas_by_time.png`` (the same by-time numbers as bars) and
+``unit_policy.json`` (per language: rows whose words were already the aligner's units, re-cut, skipped).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +36,18 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
 
-from qwen3asr_train.data.aligner import AlignerCollator
+from qwen3asr_train.data.aligner import AlignerCollator, UnitPolicyReport, max_addressable_seconds, usable_samples
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.manifest import AlignedWord
 from qwen3asr_train.data.prompts import TIMESTAMP
 from qwen3asr_train.eval.alignment import (
+    TIME_BIN_LABELS,
     AlignmentStats,
     decode_slots,
     energy_baseline,
     slots_to_spans,
+    time_drift_ratio,
     write_alignments_json,
     write_textgrid,
 )
@@ -43,6 +57,54 @@ from qwen3asr_train.eval.plots import one_per_language, plot_alignment
 log = logging.getLogger(__name__)
 
 
+def split_long_sample(sample: Sample, max_seconds: float) -> list[tuple[float, Sample]]:
+    """``[(offset s, piece)]``: ``sample`` itself when it fits in ``max_seconds``, else pieces cut between words.
+
+    Each cut is the middle of the widest gap between consecutive reference words among the cuts that keep
+    the piece within ``max_seconds`` and past half of it (the latest such cut if no gap lies past half).
+    Words and audio are shifted to the piece's start, so each piece is an ordinary sample.
+
+    Raises:
+        ValueError: no cut between words keeps a piece within ``max_seconds`` (one word spans the window).
+    """
+    total = sample.audio.size / SAMPLE_RATE
+    words = sample.utt.words or []
+    if total <= max_seconds:
+        return [(0.0, sample)]
+    pieces: list[tuple[float, Sample]] = []
+    t0, first = 0.0, 0
+    while first < len(words):
+        candidates: list[tuple[float, float, int]] = []  # (gap, cut, index of the piece's last word)
+        for k in range(first, len(words) - 1):
+            cut = (words[k].end + words[k + 1].start) / 2
+            if cut - t0 > max_seconds:
+                break
+            candidates.append((words[k + 1].start - words[k].end, cut, k))
+        if total - t0 <= max_seconds:
+            cut, last = total, len(words) - 1
+        elif not candidates:
+            raise ValueError(
+                f"{sample.utt.source or sample.utt.id}: no pause between words within {max_seconds:g} s of "
+                f"{t0:.2f} s; cannot cut the {total:.1f} s clip into pieces the aligner's classes address"
+            )
+        else:
+            late = [c for c in candidates if c[1] - t0 >= max_seconds / 2]
+            _, cut, last = max(late) if late else candidates[-1]
+        a, b = int(round(t0 * SAMPLE_RATE)), int(round(cut * SAMPLE_RATE))
+        chosen = words[first : last + 1]
+        shifted = [AlignedWord(w.word, max(0.0, w.start - t0), max(0.0, w.end - t0)) for w in chosen]
+        utt = replace(
+            sample.utt,
+            id=f"{sample.utt.id}@{t0:.2f}",
+            duration=(b - a) / SAMPLE_RATE,
+            text=" ".join(w.word for w in chosen),
+            words=shifted,
+        )
+        pieces.append((a / SAMPLE_RATE, Sample(utt, sample.audio[a:b], sample.index)))
+        t0, first = b / SAMPLE_RATE, last + 1
+    return pieces
+
+
 @torch.no_grad()
 def align(
     model: torch.nn.Module,
@@ -50,11 +112,23 @@ def align(
     samples: Sequence[Sample],
     max_batch_seconds: float = 240.0,
     max_batch_size: int = 32,
+    chunk_long: bool = False,
 ) -> list[list[tuple[float, float]]]:
-    """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed."""
-    collator = AlignerCollator(processor, int(model.config.num_labels), slot_prob=1.0, seed=0)
+    """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
+
+    ``chunk_long``: align clips longer than the classes address in pieces cut between reference words
+    (:func:`split_long_sample`; evaluation only, the samples' word units are checked by the caller);
+    without it such a clip raises a clear error.
+    """
+    num_classes = int(model.config.num_labels)
+    collator = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=not chunk_long)
     timestamp_id = processor.tokenizer.convert_tokens_to_ids(TIMESTAMP)
-    plan = duration_batches([s.utt.duration for s in samples], max_batch_seconds, max_batch_size)
+    limit = max_addressable_seconds(num_classes) - 0.04  # the last half bin clips to the last class
+    units: list[tuple[int, float, Sample]] = []  # (sample index, offset s, piece)
+    for i, sample in enumerate(samples):
+        pieces = split_long_sample(sample, limit) if chunk_long else [(0.0, sample)]
+        units += [(i, offset, piece) for offset, piece in pieces]
+    plan = duration_batches([p.audio.size / SAMPLE_RATE for _, _, p in units], max_batch_seconds, max_batch_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     was_training = model.training
@@ -62,12 +136,13 @@ def align(
     local: list[tuple[int, list[tuple[float, float]]]] = []
     try:
         for batch_ids in plan[rank::world]:
-            batch = collator([samples[i] for i in batch_ids])
+            batch = collator([units[j][2] for j in batch_ids])
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "input_features_mask")}
             inputs["input_features"] = batch["input_features"].to(device, next(model.parameters()).dtype)
             logits = model(**inputs).logits  # (B, L, C)
-            for i, seconds in zip(batch_ids, decode_slots(logits, inputs["input_ids"], timestamp_id), strict=True):
-                local.append((i, slots_to_spans(seconds)))
+            for j, seconds in zip(batch_ids, decode_slots(logits, inputs["input_ids"], timestamp_id), strict=True):
+                offset = units[j][1]
+                local.append((j, [(round(a + offset, 3), round(b + offset, 3)) for a, b in slots_to_spans(seconds)]))
     finally:
         model.train(was_training)
     if world > 1:
@@ -75,7 +150,10 @@ def align(
         dist.all_gather_object(gathered, local)
         local = [pair for part in gathered for pair in part]
     spans = dict(local)
-    return [spans[i] for i in range(len(samples))]
+    out: list[list[tuple[float, float]]] = [[] for _ in samples]
+    for j, (i, _, _) in enumerate(units):  # pieces are in time order within a sample
+        out[i] += spans[j]
+    return out
 
 
 def score_alignments(
@@ -102,11 +180,13 @@ def write_alignment_reports(
     max_textgrids: int = 50,
     plots_per_language: int = 1,
     title: str | None = None,
+    unit_report: UnitPolicyReport | None = None,
 ) -> dict[str, Any]:
-    """Per-set JSON/TextGrids/plots and the summary table; returns the summary.
+    """Per-set JSON/TextGrids/plots, the summary tables and the by-time chart; returns the summary.
 
     ``plots_per_language``: alignment plots of the first N utterances of every language of a set;
-    ``title``: model and step, for the table and the plots."""
+    ``title``: model and step, for the table and the plots; ``unit_report``: the word-unit policy's counts
+    (``summary["unit_policy"]`` and ``unit_policy.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plotted: dict[str, list[Path]] = {}
     for name, samples in sets.items():
@@ -140,6 +220,9 @@ def write_alignment_reports(
                     )
                 )
     summary = {"model": stats.summary(), "energy_baseline": baseline.summary()}
+    if unit_report is not None:
+        summary["unit_policy"] = unit_report.as_dict()
+        unit_report.write(out_dir / "unit_policy.json")
     (out_dir / "alignment_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         "| set | language | AAS ms | median ms | ≤20 ms | ≤50 ms | ≤100 ms | boundaries | baseline AAS ms |",
@@ -154,15 +237,117 @@ def write_alignment_reports(
                 f"| {s['boundaries']} | {b['aas_ms']:.1f} |"
             )
     table = "\n".join(lines) + "\n"
+    time_table = by_time_table(summary)
+    picture = plot_aas_by_time(out_dir / "aas_by_time.png", summary, title)
     links = [
         f"- {name}: " + ", ".join(f"[{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in paths)
         for name, paths in plotted.items()
     ]
     heading = f"# Alignment evaluation: {title}\n\n" if title else ""
     plots_md = "\nAlignment plots (one utterance per language):\n\n" + "\n".join(links) + "\n" if links else ""
-    (out_dir / "alignment_summary.md").write_text(heading + table + plots_md)
-    log.info("alignment summary:\n%s", table)
+    time_md = (
+        "\nAAS (ms) by the boundary's time in the clip (boundaries in brackets); ratio = worst bin / first second:\n\n"
+        + time_table
+        + (f"\n![AAS by time in the clip]({picture.name})\n" if picture is not None else "")
+    )
+    units_md = _unit_policy_md(summary.get("unit_policy"))
+    (out_dir / "alignment_summary.md").write_text(heading + table + time_md + units_md + plots_md)
+    log.info("alignment summary:\n%s\nby time in the clip:\n%s", table, time_table)
     return summary
+
+
+def by_time_table(summary: dict[str, Any]) -> str:
+    """Markdown: per set and language, the model's and the energy baseline's AAS in each time bin."""
+    lines = [
+        "| set | language | model | " + " | ".join(TIME_BIN_LABELS) + " | ratio |",
+        "|---|---|---|" + "---|" * (len(TIME_BIN_LABELS) + 1),
+    ]
+    for set_name, langs in summary["model"].items():
+        shown = ["all"] + [lang for lang in langs if lang != "all"] if len(langs) > 2 else ["all"]
+        for lang in shown:
+            for label, source in (("model", summary["model"]), ("energy baseline", summary["energy_baseline"])):
+                bins = source[set_name][lang].get("by_time", {})
+                cells = [
+                    f"{bins[k]['aas_ms']:.1f} ({bins[k]['boundaries']})" if k in bins else "–" for k in TIME_BIN_LABELS
+                ]
+                ratio = time_drift_ratio(bins)
+                lines.append(
+                    f"| {set_name} | {lang} | {label} | "
+                    + " | ".join(cells)
+                    + f" | {'–' if math.isnan(ratio) else f'{ratio:.2f}'} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def _unit_policy_md(counts: dict[str, dict[str, dict[str, int]]] | None) -> str:
+    if not counts:
+        return ""
+    lines = ["", "Word-unit policy (rows per language):", "", "| rows of | language | matched | re-cut | skipped |"]
+    lines.append("|---|---|---|---|---|")
+    for what, langs in counts.items():
+        for lang, c in langs.items():
+            lines.append(f"| {what} | {lang} | {c['matched']} | {c['resplit']} | {c['skipped']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_aas_by_time(path: Path, summary: dict[str, Any], title: str | None = None) -> Path | None:
+    """``aas_by_time.png``: per set, bars of the model's and the energy baseline's AAS in each time bin (all
+    languages), a line per language when there are several; ``None`` when no set has a scored boundary.
+
+    Why a picture: error that grows with the word's time in the clip is the signature of an aligner that has
+    not learnt absolute time, and it is invisible in the overall AAS of short clips.
+    """
+    sets = [name for name, langs in summary["model"].items() if langs["all"].get("by_time")]
+    if not sets:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 2.8 * len(sets) + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(sets), 1, squeeze=False)[:, 0]
+    x = list(range(len(TIME_BIN_LABELS)))
+    for ax, set_name in zip(axes, sets, strict=True):
+        langs = summary["model"][set_name]
+        for k, (label, source) in enumerate(
+            (("model", summary["model"]), ("energy baseline", summary["energy_baseline"]))
+        ):
+            bins = source[set_name]["all"]["by_time"]
+            values = [bins[b]["aas_ms"] if b in bins else 0.0 for b in TIME_BIN_LABELS]
+            bars = ax.bar(
+                [i + (k - 0.5) * 0.38 for i in x], values, width=0.36, label=label, alpha=0.85 if k == 0 else 0.5
+            )
+            for bar, b in zip(bars, TIME_BIN_LABELS, strict=True):
+                if b in bins:
+                    ax.annotate(
+                        f"{bins[b]['aas_ms']:.0f}",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        textcoords="offset points",
+                        xytext=(0, 2),
+                        ha="center",
+                        fontsize=7,
+                    )
+        if len(langs) > 2:
+            for lang, scores in langs.items():
+                if lang == "all":
+                    continue
+                bins = scores["by_time"]
+                pts = [(i, bins[b]["aas_ms"]) for i, b in enumerate(TIME_BIN_LABELS) if b in bins]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, linewidth=1, label=f"model, {lang}")
+        counts = langs["all"]["by_time"]
+        ax.set_xticks(
+            x, [f"{b}\n(n={counts[b]['boundaries']})" if b in counts else b for b in TIME_BIN_LABELS], fontsize=8
+        )
+        ax.set_ylabel(f"{set_name}: AAS (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1].set_xlabel("reference boundary's time in the clip")
+    axes[0].set_title(f"AAS by time in the clip{': ' + title if title else ''}", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), format="png", bbox_inches="tight")
+    return path
 
 
 def _utterance_aas_ms(pred: Sequence[tuple[float, float]], ref: Sequence[tuple[float, float]]) -> float:
@@ -171,8 +356,15 @@ def _utterance_aas_ms(pred: Sequence[tuple[float, float]], ref: Sequence[tuple[f
     return 1000.0 * sum(errors) / len(errors) if errors else float("nan")
 
 
+def _metric_bin(label: str) -> str:
+    """``"0-1 s"`` -> ``"0to1s"``, ``">30 s"`` -> ``"over30s"`` (logger-safe metric name parts)."""
+    return label.replace(" ", "").replace("-", "to").replace(">", "over")
+
+
 def alignment_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``val/<set>/aas_ms``, ``val/<set>/within_{20,50,100}ms`` (all languages), per language AAS, baseline."""
+    """``val/<set>/aas_ms``, ``val/<set>/within_{20,50,100}ms`` (all languages), per language AAS, baseline,
+    ``val/<set>/aas_ms_<bin>`` per time bin (``0to1s`` ... ``over30s``) and ``val/<set>/aas_time_ratio``
+    (worst bin / first second)."""
     metrics: dict[str, float] = {}
     for set_name, langs in summary["model"].items():
         overall = langs["all"]
@@ -180,6 +372,11 @@ def alignment_metrics(summary: dict[str, Any]) -> dict[str, float]:
         for key in ("within_20ms", "within_50ms", "within_100ms"):
             metrics[f"val/{set_name}/{key}"] = float(overall[key])
         metrics[f"val/{set_name}/baseline_aas_ms"] = float(summary["energy_baseline"][set_name]["all"]["aas_ms"])
+        for label, scores in overall.get("by_time", {}).items():
+            metrics[f"val/{set_name}/aas_ms_{_metric_bin(label)}"] = float(scores["aas_ms"])
+        ratio = time_drift_ratio(overall.get("by_time", {}))
+        if not math.isnan(ratio):
+            metrics[f"val/{set_name}/aas_time_ratio"] = ratio
         for lang, scores in langs.items():
             if lang != "all" and len(langs) > 2:
                 metrics[f"val/{set_name}/{lang}/aas_ms"] = float(scores["aas_ms"])
@@ -195,16 +392,27 @@ class AlignmentEvaluator:
         sets: dict[str, list[Sample]],
         max_batch_seconds: float = 240.0,
         max_batch_size: int = 32,
+        unit_report: UnitPolicyReport | None = None,
     ) -> None:
+        """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
+        with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
+        that kept the original rows of re-cut ones) are re-cut here, and skipped when that is impossible,
+        counted in ``unit_report`` (a new one when none is given) so nothing stops the evaluation."""
         self.processor = processor
-        self.sets = sets
+        self.unit_report = unit_report if unit_report is not None else UnitPolicyReport()
+        self.sets = {
+            name: usable_samples(samples, "skip", f"eval:{name}", units="resplit", report=self.unit_report)
+            if unit_report is None
+            else usable_samples(samples, "skip", f"eval:{name}", units="resplit")
+            for name, samples in sets.items()
+        }
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
         self.title: str | None = None
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         predictions = {
-            name: align(model, self.processor, samples, self.max_batch_seconds, self.max_batch_size)
+            name: align(model, self.processor, samples, self.max_batch_seconds, self.max_batch_size, chunk_long=True)
             for name, samples in self.sets.items()
         }
         if not write:
@@ -212,5 +420,7 @@ class AlignmentEvaluator:
         stats, baseline = AlignmentStats(), AlignmentStats()
         for name, samples in self.sets.items():
             score_alignments(name, samples, predictions[name], stats, baseline)
-        summary = write_alignment_reports(out_dir, self.sets, predictions, stats, baseline, title=self.title)
+        summary = write_alignment_reports(
+            out_dir, self.sets, predictions, stats, baseline, title=self.title, unit_report=self.unit_report
+        )
         return alignment_metrics(summary)

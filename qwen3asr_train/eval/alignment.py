@@ -33,6 +33,19 @@ Span = tuple[float, float]
 
 THRESHOLDS_MS: tuple[float, ...] = (20.0, 50.0, 100.0)
 
+TIME_BINS_S: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, float("inf"))
+"""Edges of the AAS-by-time bins (seconds into the clip of the *reference* boundary): 0-1, 1-2, 2-5, 5-10,
+10-30, >30 s. Why: an aligner that has not learnt absolute time is accurate early in a clip and drifts later;
+the overall AAS of short clips hides that, the per-bin AAS shows it."""
+
+
+def time_bin_label(lo: float, hi: float) -> str:
+    """``"0-1 s"``, ..., ``">30 s"`` for the bin ``[lo, hi)``."""
+    return f">{lo:g} s" if hi == float("inf") else f"{lo:g}-{hi:g} s"
+
+
+TIME_BIN_LABELS: tuple[str, ...] = tuple(time_bin_label(a, b) for a, b in zip(TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True))
+
 
 def decode_slots(
     logits: torch.Tensor, input_ids: torch.Tensor, timestamp_token_id: int, segment_ms: float = 80.0
@@ -78,6 +91,7 @@ def boundary_errors_ms(pred: Sequence[Span], ref: Sequence[Span]) -> np.ndarray:
 @dataclass
 class _Group:
     errors: list[np.ndarray] = field(default_factory=list)
+    times: list[np.ndarray] = field(default_factory=list)  # reference time (s) of each boundary in ``errors``
     words: int = 0
     utterances: int = 0
 
@@ -88,7 +102,9 @@ class AlignmentStats:
 
     ``summary()`` gives, per set and language (and ``"all"`` languages of a set, micro-averaged):
     ``aas_ms`` (mean |pred - ref|), ``median_ms``, ``within_{X}ms`` (share of boundaries with error <= X),
-    and the counts. Errors are kept (8 bytes per boundary) so medians are exact.
+    the counts, and ``by_time``: ``{bin label: {"aas_ms", "boundaries"}}`` over :data:`TIME_BINS_S` by the
+    reference boundary's time in the clip (bins without boundaries are left out). Errors are kept (16 bytes
+    per boundary with their times) so medians and bins are exact.
     """
 
     thresholds_ms: tuple[float, ...] = THRESHOLDS_MS
@@ -110,6 +126,7 @@ class AlignmentStats:
         errors = boundary_errors_ms(pred, ref)  # (2W,)
         group = self._groups[(set_name, language or "None")]
         group.errors.append(errors)
+        group.times.append(np.asarray(ref, dtype=np.float64).reshape(-1))
         group.words += len(words)
         group.utterances += 1
         aas = float(errors.mean()) if errors.size else 0.0
@@ -140,6 +157,8 @@ class AlignmentStats:
             words=sum(g.words for g in groups),
             utterances=sum(g.utterances for g in groups),
         )
+        times = np.concatenate([t for g in groups for t in g.times]) if groups else np.zeros(0)
+        scores["by_time"] = by_time(errors, times)
         return scores
 
     def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
@@ -150,6 +169,25 @@ class AlignmentStats:
             out[set_name] = {lang: self._scores([self._groups[(set_name, lang)]]) for lang in langs}
             out[set_name]["all"] = self._scores([self._groups[(set_name, lang)] for lang in langs])
         return out
+
+
+def by_time(errors_ms: np.ndarray, times_s: np.ndarray) -> dict[str, dict[str, float | int]]:
+    """AAS per :data:`TIME_BINS_S` bin of the boundaries' reference times: ``{label: {"aas_ms", "boundaries"}}``,
+    non-empty bins only, in time order."""
+    out: dict[str, dict[str, float | int]] = {}
+    for label, lo, hi in zip(TIME_BIN_LABELS, TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True):
+        inside = (times_s >= lo) & (times_s < hi)
+        if inside.any():
+            out[label] = {"aas_ms": float(errors_ms[inside].mean()), "boundaries": int(inside.sum())}
+    return out
+
+
+def time_drift_ratio(bins: dict[str, dict[str, float | int]]) -> float:
+    """Worst bin's AAS over the first bin's (``0-1 s``): 1.0 = flat over the clip; ``nan`` without a first bin."""
+    first = bins.get(TIME_BIN_LABELS[0])
+    if not first or not first["aas_ms"]:
+        return float("nan")
+    return max(float(b["aas_ms"]) for b in bins.values()) / float(first["aas_ms"])
 
 
 # --------------------------------------------------------------------------------------------- writers

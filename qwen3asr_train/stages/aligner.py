@@ -28,8 +28,10 @@ from qwen3asr_train.data.aligner import (
     SEGMENT_MS,
     AlignerCollator,
     LongFormDataset,
+    UnitPolicyReport,
     max_addressable_seconds,
     usable_for_alignment,
+    usable_samples,
 )
 from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
@@ -42,6 +44,9 @@ from qwen3asr_train.losses import audio_ctc, slot_ce
 from qwen3asr_train.model.builder import AsrModel
 
 log = logging.getLogger(__name__)
+
+UNIT_POLICY_FILE = "unit_policy.json"
+"""Per-language counts of the word-unit policy (matched / re-cut / skipped) for training and the hook's sets."""
 
 
 class AlignerModule(training.SummedValidation, L.LightningModule):
@@ -133,16 +138,25 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
 
 
 def build_aligner_hook(
-    cfg: EvalHookConfig, data_cfg: Any, processor: Any, run_dir: Path, policy: str
+    cfg: EvalHookConfig,
+    data_cfg: Any,
+    processor: Any,
+    run_dir: Path,
+    units: str,
+    report: UnitPolicyReport | None = None,
 ) -> PeriodicEvaluation | None:
-    """The evaluation hook computing AAS on ``evaluation.sets`` (None when no sets are configured)."""
+    """The evaluation hook computing AAS on ``evaluation.sets`` (None when no sets are configured).
+
+    ``units``: the word-unit policy (``recipe.on_unit_mismatch``); its per-language counts go to ``report``."""
     if not cfg.sets:
         return None
+    report = report if report is not None else UnitPolicyReport()
     sets = load_eval_sets(cfg.sets, row_checks(data_cfg), data_cfg.on_bad_row, cfg.max_utterances)
     for name, samples in sets.items():
-        keep = {u.id for u in usable_for_alignment([s.utt for s in samples], policy, f"evaluation set {name}")}
-        sets[name] = [s for s in samples if s.utt.id in keep]
-    evaluator = AlignmentEvaluator(processor, sets, cfg.decode.max_batch_seconds, cfg.decode.max_batch_size)
+        sets[name] = usable_samples(samples, data_cfg.on_bad_row, f"eval:{name}", units=units, report=report)
+    evaluator = AlignmentEvaluator(
+        processor, sets, cfg.decode.max_batch_seconds, cfg.decode.max_batch_size, unit_report=report
+    )
     return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)
 
 
@@ -154,12 +168,15 @@ def prepare(
     run_dir = Path(cfg.run_dir)
     resume = spine.start_run(cfg, recipe.resume_from)
     rejects = SkipReport()
+    units = UnitPolicyReport()
     train, hf = load_train_utterances(cfg.data, rejects)
-    train = usable_for_alignment(train, recipe.on_unit_mismatch, "train", rejects)
+    policy, unit_policy = cfg.data.on_bad_row, recipe.on_unit_mismatch
+    train = usable_for_alignment(train, policy, "train", rejects, units=unit_policy, report=units)
     checks = row_checks(cfg.data)
     valid = read_manifests(cfg.data.valid, checks, cfg.data.on_bad_row, rejects) if cfg.data.valid else []
-    valid = usable_for_alignment(valid, recipe.on_unit_mismatch, "valid", rejects) if valid else []
-    spine.write_rejects(rejects, run_dir)
+    valid = usable_for_alignment(valid, policy, "valid", rejects, units=unit_policy, report=units) if valid else []
+    if not train:
+        raise ManifestError(f"{cfg.data.train}: no training rows left for alignment", "empty_manifest")
     plan = spine.run_plan(
         cfg,
         {"train": train},
@@ -204,7 +221,9 @@ def prepare(
         full,
     )
     callbacks = [DataPositionTracker(), *extra_callbacks]
-    hook = build_aligner_hook(cfg.evaluation, cfg.data, processor, run_dir, recipe.on_unit_mismatch)
+    hook = build_aligner_hook(cfg.evaluation, cfg.data, processor, run_dir, unit_policy, units)
+    spine.write_rejects(rejects, run_dir)
+    units.write(run_dir / UNIT_POLICY_FILE)  # every rank writes the same counts
     if hook is not None:
         callbacks.append(hook)
     trainer = training.build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
