@@ -1,4 +1,5 @@
-"""Synthetic corpus: manifest shape, word times checked against the waveform, determinism, idempotence."""
+"""Synthetic corpus: manifest shape, word times checked against the waveform, determinism, idempotence, and the
+held-out split of unseen voices and speaking rates (never used by train/test) with cased, punctuated text."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from qwen3asr_train.data.word_units import split_words
 from qwen3asr_train.tools import synthetic
 from qwen3asr_train.tools.synthetic import (
     Espeak,
@@ -115,3 +117,125 @@ def test_tone_corpus_without_espeak(tmp_path: Path) -> None:
     assert len(rows) == 8 and all(0.5 <= r["duration"] <= 3.0 for r in rows)
     _check_rows(rows, silent_pads=True)
     assert [r["text"] for r in rows] == [r["text"] for r in _rows(write_tone_corpus(tmp_path / "b", 8, seed=3))]
+
+
+@requires_espeak
+def test_version_1_corpora_unchanged(corpus: dict[str, Path]) -> None:
+    """Texts written by the generator before the held-out options existed (recorded from that code) and the
+    ``corpus_config.json`` record are unchanged, so corpora made earlier are recognised and left alone."""
+    assert [r["text"] for r in _rows(corpus["train"])] == [
+        "old pencil tree mother small stone",
+        "城市学校白",
+        "ball morning dark fish window dream",
+        "学生黑家",
+    ]
+    assert [r["text"] for r in _rows(corpus["test"])] == ["small table bright dog city cloud", "老师狗"]
+    record = json.loads((corpus["train"].parent / "corpus_config.json").read_text())["config"]
+    assert set(record) == {
+        "languages",
+        "num_train",
+        "num_test",
+        "seed",
+        "words_per_clip",
+        "num_no_speech",
+        "noise_snr_db",
+        "vocabulary_size",
+        "version",
+    }
+    assert record["version"] == 1
+
+
+UNSEEN = dict(
+    languages=("en", "zh"),
+    num_train=8,
+    num_test=2,
+    num_unseen=6,
+    seed=3,
+    words_per_clip=(2, 5),
+    rate_wpm=(140, 200),
+    unseen_voices=("+m3", "+f3"),
+    unseen_rate_wpm=((110, 130), (210, 230)),
+    cased=True,
+)
+
+
+@pytest.fixture(scope="module")
+def unseen_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_corpus(tmp_path_factory.mktemp("unseen"), workers=1, **UNSEEN)
+
+
+@requires_espeak
+def test_unseen_split_uses_only_held_out_voices_and_rates(unseen_corpus: dict[str, Path]) -> None:
+    assert set(unseen_corpus) == {"train", "test", "test_unseen"}
+    seen = _rows(unseen_corpus["train"]) + _rows(unseen_corpus["test"])
+    unseen = _rows(unseen_corpus["test_unseen"])
+    assert (len(seen), len(unseen)) == (10, 6)
+    assert all(r["id"].startswith("syn-test_unseen-") for r in unseen)
+    for row in seen:
+        variant = "+" + row["synthesis"]["voice"].partition("+")[2]
+        assert variant not in {"+m3", "+f3"}, row["id"]
+        assert 140 <= row["synthesis"]["rate_wpm"] < 200, row["id"]
+    for row in unseen:
+        assert row["synthesis"]["voice"].endswith(("+m3", "+f3")), row["id"]
+        rate = row["synthesis"]["rate_wpm"]
+        assert 110 <= rate < 130 or 210 <= rate < 230, row["id"]
+    assert {r["language"] for r in unseen} == {"English", "Chinese"}
+
+
+@requires_espeak
+def test_cased_punctuated_text_and_word_rows(unseen_corpus: dict[str, Path]) -> None:
+    rows = [r for split in unseen_corpus.values() for r in _rows(split)]
+    for row in rows:
+        text = row["text"]
+        assert text[-1] in ".?!。？！", text
+        # the word rows are the aligner's word units of the cased, punctuated text (independent splitter)
+        assert [w["word"] for w in row["words"]] == split_words(text, row["language"]), text
+        if row["language"] == "English":
+            assert text[0].isupper() and text[1:] == text[1:].lower(), text
+            assert text.rstrip(".?!").replace(",", "").split() == [w["word"] for w in row["words"]]
+        times = [t for w in row["words"] for t in (w["start"], w["end"])]
+        assert times == sorted(times) and 0 <= times[0] and times[-1] <= row["duration"]
+    assert any("," in r["text"] for r in rows if r["language"] == "English")  # fixed seed: some commas
+    assert len({r["text"][-1] for r in rows}) >= 2  # more than one kind of sentence end
+
+
+@requires_espeak
+def test_unseen_options_are_recorded_and_idempotent(unseen_corpus: dict[str, Path]) -> None:
+    folder = unseen_corpus["train"].parent
+    record = json.loads((folder / "corpus_config.json").read_text())["config"]
+    assert record["unseen_voices"] == ["+m3", "+f3"] and record["unseen_rate_wpm"] == [[110, 130], [210, 230]]
+    assert record["cased"] is True and record["num_unseen"] == 6 and record["rate_wpm"] == [140, 200]
+    before = {k: p.stat().st_mtime_ns for k, p in unseen_corpus.items()}
+    assert make_corpus(folder, workers=1, **UNSEEN) == unseen_corpus
+    assert {k: p.stat().st_mtime_ns for k, p in unseen_corpus.items()} == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(unseen_rate_wpm=((190, 220),)), "overlaps the training rates"),
+        (dict(unseen_voices=("+x9",)), "neither a variant"),
+        (dict(unseen_voices=(), unseen_rate_wpm=()), "needs unseen_voices"),
+        (dict(languages=("ru",), unseen_voices=("ru",)), "leave no ru voice"),
+        (dict(rate_wpm=(200, 140)), "0 < low < high"),
+    ],
+)
+def test_held_out_options_refused_before_any_audio(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_corpus(tmp_path, workers=1, **{**UNSEEN, **change})
+    assert not (tmp_path / "wavs").exists()
+
+
+def test_rate_draw_covers_the_union_of_ranges() -> None:
+    rng = np.random.default_rng(0)
+    draws = {synthetic._draw_rate(rng, ((110, 113), (210, 212))) for _ in range(400)}
+    assert draws == {110, 111, 112, 210, 211}  # half-open ranges, every value reachable, nothing else
+
+
+def test_voice_combinations_partition_the_voices() -> None:
+    cfg = synthetic.CorpusConfig(("en",), 1, 1, 0, (1, 2), 0, None, unseen_voices=("+m3", "en"))
+    seen = synthetic._voice_combinations("en", cfg, unseen=False)
+    unseen = synthetic._voice_combinations("en", cfg, unseen=True)
+    every = {v + var for v in synthetic.VOICES["en"] for var in synthetic.VARIANTS}
+    assert set(seen) | set(unseen) == every and not set(seen) & set(unseen)
+    assert set(seen) == {"en-us" + var for var in synthetic.VARIANTS if var != "+m3"}

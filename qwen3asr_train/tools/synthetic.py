@@ -23,7 +23,16 @@ How a clip is made (see :func:`render_clip`):
 
 Randomness comes from one seed: each clip draws words, voice variant, speed, pitch, word gap, pad, gain
 and noise from ``SeedSequence([seed, split, index])``, so texts, ids and settings are identical for any
-``workers`` count. espeak's own output depends on the calls made before in the same process (lengths
+``workers`` count.
+
+Generalisation splits (optional, all off by default; a corpus made without them is exactly what this module
+made before they existed). ``unseen_voices`` reserves voices (``en``) and/or voice variants (``+f5``) and
+``unseen_rate_wpm`` reserves speaking-rate ranges outside ``rate_wpm``: train and test never use them, and a
+third split ``test_unseen`` (``num_unseen`` clips) uses only them, so its error rate measures how a model
+does on voices and speaking rates it never heard. ``cased`` writes sentence-case transcripts with
+punctuation (commas, ``.``/``?``/``!``), which espeak also reads (pauses, question intonation); the word
+rows keep the case but not the punctuation, as the aligner's word units do. Rows of such corpora also carry
+``synthesis`` (voice, rate, pitch, word gap), so a split's settings can be checked from its manifest. espeak's own output depends on the calls made before in the same process (lengths
 differ by tens, sometimes hundreds of samples; durations by up to ~30 ms), so audio is not bit-identical
 across runs or worker counts; word times are always measured on the audio that is written.
 """
@@ -125,6 +134,7 @@ VARIANTS: tuple[str, ...] = ("",) + tuple(f"+m{i}" for i in range(1, 8)) + tuple
 """Variant files that exist in espeak-ng-data (an unknown variant is accepted silently, so no others)."""
 
 RATE_WPM = (130, 210)
+"""Speaking-rate range in words per minute, half-open ``[low, high)`` as numpy draws it."""
 PITCH = (30, 70)
 WORD_GAP_10MS = (1, 15)
 """Inter-word pause in espeak units of 10 ms, used for half of the clips (the other half: no pause)."""
@@ -341,6 +351,112 @@ class CorpusConfig:
     vocabulary_size: int = 0
     """Use only the first N words of each vocabulary (0 = all): a smaller task for quick demos."""
     version: int = GENERATOR_VERSION
+    rate_wpm: tuple[int, int] = RATE_WPM
+    """Speaking rates of train and test, ``[low, high)`` words per minute."""
+    num_unseen: int = 0
+    """Clips in ``test_unseen``: voices from ``unseen_voices`` and/or rates from ``unseen_rate_wpm`` only."""
+    unseen_voices: tuple[str, ...] = ()
+    """Voice ids (``en``) or variants (``+f5``) used only by ``test_unseen``, never by train and test."""
+    unseen_rate_wpm: tuple[tuple[int, int], ...] = ()
+    """Rate ranges ``[low, high)`` used only by ``test_unseen``; each must lie outside ``rate_wpm``."""
+    cased: bool = False
+    """Sentence-case transcripts with punctuation (read by espeak too); word rows keep case, drop punctuation."""
+
+    @property
+    def extended(self) -> bool:
+        """True when an option added after version 1 is in use (rows then carry ``synthesis``)."""
+        return any(getattr(self, name) != default for name, default in _EXTENDED_DEFAULTS.items())
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record of ``corpus_config.json``. Options at their defaults are left out, so a corpus
+        written before they existed is recognised as up to date (and left alone) by :func:`make_corpus`."""
+        record = json.loads(json.dumps(asdict(self)))
+        for name, default in _EXTENDED_DEFAULTS.items():
+            if getattr(self, name) == default:
+                del record[name]
+        return record
+
+    def validate(self) -> None:
+        """Refuse held-out settings that would leak into training or leave a split nothing to draw from."""
+        low, high = self.rate_wpm
+        if not 0 < low < high:
+            raise ValueError(f"rate_wpm must be [low, high) with 0 < low < high, got {self.rate_wpm}")
+        for r_low, r_high in self.unseen_rate_wpm:
+            if not 0 < r_low < r_high:
+                raise ValueError(f"unseen rate range [{r_low}, {r_high}) must have 0 < low < high")
+            if r_low < high and low < r_high:
+                raise ValueError(f"unseen rate range [{r_low}, {r_high}) overlaps the training rates [{low}, {high})")
+        for entry in self.unseen_voices:
+            known = entry in VARIANTS or any(entry in VOICES[lang] for lang in self.languages)
+            if not known or entry == "":
+                raise ValueError(
+                    f"unseen voice {entry!r} is neither a variant ({', '.join(VARIANTS[1:])}) nor a voice of "
+                    f"{list(self.languages)} ({ {lang: VOICES[lang] for lang in self.languages} })"
+                )
+        if self.num_unseen and not (self.unseen_voices or self.unseen_rate_wpm):
+            raise ValueError("num_unseen > 0 needs unseen_voices and/or unseen_rate_wpm (else it is just test)")
+        for lang in self.languages:
+            if not _voice_combinations(lang, self, unseen=False):
+                raise ValueError(f"unseen_voices {self.unseen_voices} leave no {lang} voice for train/test")
+            if self.num_unseen and self.unseen_voices and not _voice_combinations(lang, self, unseen=True):
+                raise ValueError(f"unseen_voices {self.unseen_voices} name no {lang} voice for test_unseen")
+
+
+_EXTENDED_DEFAULTS: dict[str, Any] = {
+    "rate_wpm": RATE_WPM,
+    "num_unseen": 0,
+    "unseen_voices": (),
+    "unseen_rate_wpm": (),
+    "cased": False,
+}
+
+
+def _voice_combinations(lang: str, cfg: CorpusConfig, *, unseen: bool) -> list[str]:
+    """Voice + variant strings of train/test (``unseen=False``) or of ``test_unseen``: a combination is
+    held out when its voice or its variant is in ``cfg.unseen_voices``."""
+    held = set(cfg.unseen_voices)
+    return [
+        voice + variant
+        for voice in VOICES[lang]
+        for variant in VARIANTS
+        if ((voice in held) or (variant in held)) == unseen
+    ]
+
+
+def _draw_rate(rng: np.random.Generator, ranges: tuple[tuple[int, int], ...]) -> int:
+    """A rate drawn uniformly over the union of half-open ``ranges`` (one draw, like ``rng.integers``)."""
+    k = int(rng.integers(sum(high - low for low, high in ranges)))
+    for low, high in ranges:
+        if k < high - low:
+            return low + k
+        k -= high - low
+    raise AssertionError("unreachable")
+
+
+def _punctuate(
+    rng: np.random.Generator, lang: str, units: list[str], tokens: list[str]
+) -> tuple[list[str], list[str], str]:
+    """Sentence case and punctuation: ``(units, spoken tokens, written text)``.
+
+    The first letter is upper-cased (word rows keep it), a comma follows a word with probability 0.15 and the
+    sentence ends in ``.``, ``?`` or ``!`` (0.6 / 0.25 / 0.15). espeak reads the punctuated tokens, so
+    commas are pauses and questions rise, as in the audio a cased transcript would describe. Languages
+    written in characters get only the end mark: their tokens are syllables, and a comma could split a word.
+    """
+    character = lang in CHARACTER_LANGUAGES
+    commas = [bool(rng.random() < 0.15) and not character for _ in tokens[:-1]] + [False]
+    end = (".", "?", "!")[int(rng.choice(3, p=(0.6, 0.25, 0.15)))]
+    if not character:
+        units = [units[0][:1].upper() + units[0][1:], *units[1:]]
+        tokens = [units[0], *tokens[1:]]
+    spoken = [t + ("," if c else "") for t, c in zip(tokens, commas, strict=True)]
+    spoken[-1] += end
+    if character:  # one spoken token per unit: punctuation after a unit, full-width as written Chinese has it
+        marks = {",": "，", ".": "。", "?": "？", "!": "！"}
+        text = "".join(u + (marks[","] if c else "") for u, c in zip(units, commas, strict=True)) + marks[end]
+    else:
+        text = " ".join(spoken)
+    return units, spoken, text
 
 
 def _draw_sentence(
@@ -358,23 +474,36 @@ def _draw_sentence(
     return units, tokens
 
 
-def render_clip(lang: str, rng: np.random.Generator, cfg: CorpusConfig) -> tuple[np.ndarray, str, list[dict], Counter]:
-    """Synthesise one clip: ``(16 kHz float audio, text, word rows, rejection counts)``.
+def render_clip(
+    lang: str, rng: np.random.Generator, cfg: CorpusConfig, *, unseen: bool = False
+) -> tuple[np.ndarray, str, list[dict], Counter, dict[str, Any]]:
+    """Synthesise one clip: ``(16 kHz float audio, text, word rows, rejection counts, settings)``.
 
     Sentences are redrawn (and counted) until espeak reads them in the intended language with one word event
-    per word unit and every word audible.
+    per word unit and every word audible. ``unseen``: draw from the held-out voices and rates
+    (``test_unseen``); otherwise from the rest. ``settings``: the ``voice``, ``rate_wpm``, ``pitch`` and
+    ``word_gap_10ms`` espeak was given.
     """
     engine = Espeak.get()
     rejected: Counter = Counter()
+    voices = _voice_combinations(lang, cfg, unseen=unseen and bool(cfg.unseen_voices)) if cfg.unseen_voices else []
+    rates = cfg.unseen_rate_wpm if unseen and cfg.unseen_rate_wpm else (cfg.rate_wpm,)
     for _ in range(100):
         n_units = int(rng.integers(cfg.words_per_clip[0], cfg.words_per_clip[1] + 1))
         units, tokens = _draw_sentence(rng, lang, n_units, cfg.vocabulary_size)
-        voice = VOICES[lang][rng.integers(len(VOICES[lang]))] + VARIANTS[rng.integers(len(VARIANTS))]
+        if voices:
+            voice = voices[rng.integers(len(voices))]
+        else:  # the version-1 draws, kept so that existing corpora stay identical
+            voice = VOICES[lang][rng.integers(len(VOICES[lang]))] + VARIANTS[rng.integers(len(VARIANTS))]
         gap = int(rng.integers(WORD_GAP_10MS[0], WORD_GAP_10MS[1] + 1)) if rng.random() < 0.5 else 0
+        rate = int(rng.integers(*rates[0])) if len(rates) == 1 else _draw_rate(rng, rates)
+        pitch = int(rng.integers(*PITCH))
+        if cfg.cased:
+            units, tokens, written = _punctuate(rng, lang, units, tokens)
+        else:
+            written = ("" if lang in CHARACTER_LANGUAGES else " ").join(units)
         text = " ".join(tokens)
-        syn = engine.synthesize(
-            text, voice, rate=int(rng.integers(*RATE_WPM)), pitch=int(rng.integers(*PITCH)), word_gap=gap
-        )
+        syn = engine.synthesize(text, voice, rate=rate, pitch=pitch, word_gap=gap)
         expected = np.cumsum([0] + [len(t) + 1 for t in tokens[:-1]]) + 1  # 1-based code-point positions
         if syn.switched_language:
             rejected["language_switch"] += 1
@@ -401,19 +530,24 @@ def render_clip(lang: str, rng: np.random.Generator, cfg: CorpusConfig) -> tuple
         return min(round((sample - s0) / ESPEAK_RATE + lead / SAMPLE_RATE, 3), duration)
 
     words = [{"word": u, "start": sec(s), "end": sec(e)} for u, (s, e) in zip(units, spans, strict=True)]
-    joiner = "" if lang in CHARACTER_LANGUAGES else " "
-    return np.clip(audio, -1.0, 1.0).astype(np.float32), joiner.join(units), words, rejected
+    settings = {"voice": voice, "rate_wpm": rate, "pitch": pitch, "word_gap_10ms": gap}
+    return np.clip(audio, -1.0, 1.0).astype(np.float32), written, words, rejected, settings
 
 
 def _clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, {"train": 0, "test": 1, "no_speech": 2}[split], index]))
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_KEYS[split], index]))
+
+
+_SPLIT_KEYS = {"train": 0, "test": 1, "no_speech": 2, "test_unseen": 3}
 
 
 def _make_speech_row(job: tuple[CorpusConfig, str, int, str]) -> tuple[dict, Counter]:
     """Worker entry point: render and write one clip, return its manifest row and rejection counts."""
     cfg, split, index, wav_dir = job
     lang = cfg.languages[index % len(cfg.languages)]
-    audio, text, words, rejected = render_clip(lang, _clip_rng(cfg.seed, split, index), cfg)
+    audio, text, words, rejected, settings = render_clip(
+        lang, _clip_rng(cfg.seed, split, index), cfg, unseen=split == "test_unseen"
+    )
     clip_id = f"syn-{split}-{index:06d}-{lang}"
     path = Path(wav_dir) / f"{clip_id}.wav"
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
@@ -425,6 +559,8 @@ def _make_speech_row(job: tuple[CorpusConfig, str, int, str]) -> tuple[dict, Cou
         "duration": audio.size / SAMPLE_RATE,
         "words": words,
     }
+    if cfg.extended:
+        row["synthesis"] = settings
     return row, rejected
 
 
@@ -480,14 +616,25 @@ def make_corpus(
     noise_snr_db: float | tuple[float, float] | None = None,
     workers: int = 1,
     vocabulary_size: int = 0,
+    rate_wpm: tuple[int, int] = RATE_WPM,
+    num_unseen: int = 0,
+    unseen_voices: tuple[str, ...] | list[str] = (),
+    unseen_rate_wpm: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (),
+    cased: bool = False,
 ) -> dict[str, Path]:
-    """Write an espeak-ng corpus under ``out_dir`` and return ``{"train"|"test"|"no_speech": manifest}``.
+    """Write an espeak-ng corpus under ``out_dir`` and return ``{"train"|"test"|"no_speech"|"test_unseen": manifest}``.
 
     Clip ``i`` of a split uses ``languages[i % len(languages)]`` (ISO codes or names); ``words_per_clip``
     counts word units (characters for Chinese); ``noise_snr_db`` is a fixed SNR or a ``(low, high)`` range of
     additive white/pink/brown noise. Idempotent: when ``corpus_config.json`` records the same config and the
     manifests exist, nothing is regenerated. ``workers`` > 1 uses spawned processes (each initialises espeak
     once); output order, ids and texts do not depend on it.
+
+    Generalisation options (see the module docstring): ``rate_wpm`` is the ``[low, high)`` rate range of
+    train/test; ``unseen_voices`` (voice ids or ``+variant`` names) and ``unseen_rate_wpm`` (ranges outside
+    ``rate_wpm``) are kept out of train/test and make up ``test_unseen.jsonl`` (``num_unseen`` clips);
+    ``cased`` writes sentence case and punctuation. Invalid combinations raise ``ValueError`` before any audio
+    is written.
     """
     out = Path(out_dir).resolve()
     snr = None if noise_snr_db is None else tuple(map(float, np.broadcast_to(noise_snr_db, 2)))
@@ -500,12 +647,20 @@ def make_corpus(
         num_no_speech,
         snr,
         vocabulary_size,
+        rate_wpm=(int(rate_wpm[0]), int(rate_wpm[1])),
+        num_unseen=num_unseen,
+        unseen_voices=tuple(unseen_voices),
+        unseen_rate_wpm=tuple((int(low), int(high)) for low, high in unseen_rate_wpm),
+        cased=cased,
     )
+    cfg.validate()
     manifests = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     if num_no_speech:
         manifests["no_speech"] = out / "no_speech.jsonl"
+    if num_unseen:
+        manifests["test_unseen"] = out / "test_unseen.jsonl"
     config_path = out / "corpus_config.json"
-    record = json.loads(json.dumps(asdict(cfg)))
+    record = cfg.record()
     if config_path.exists() and all(p.exists() for p in manifests.values()):
         if json.loads(config_path.read_text()).get("config") == record:
             logger.info("synthetic corpus in %s is up to date", out)
@@ -514,9 +669,10 @@ def make_corpus(
     wav_dir = out / "wavs"
     wav_dir.mkdir(parents=True, exist_ok=True)
     config_path.unlink(missing_ok=True)
-    for stale in [*wav_dir.glob("syn-*.wav"), out / "no_speech.jsonl"]:  # left by a previous config
+    for stale in [*wav_dir.glob("syn-*.wav"), out / "no_speech.jsonl", out / "test_unseen.jsonl"]:  # old config
         stale.unlink(missing_ok=True)
-    jobs = [(cfg, split, i, str(wav_dir)) for split, n in (("train", num_train), ("test", num_test)) for i in range(n)]
+    splits = (("train", num_train), ("test", num_test), ("test_unseen", num_unseen))
+    jobs = [(cfg, split, i, str(wav_dir)) for split, n in splits for i in range(n)]
     if workers > 1:
         # spawn, not fork: a forked child would inherit this process's espeak state mid-use
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
@@ -526,7 +682,9 @@ def make_corpus(
     rejected: Counter = sum((r for _, r in results), Counter())
     rows = [row for row, _ in results]
     _write_jsonl(manifests["train"], rows[:num_train])
-    _write_jsonl(manifests["test"], rows[num_train:])
+    _write_jsonl(manifests["test"], rows[num_train : num_train + num_test])
+    if num_unseen:
+        _write_jsonl(manifests["test_unseen"], rows[num_train + num_test :])
     if num_no_speech:
         _write_jsonl(manifests["no_speech"], [_make_no_speech_row(cfg, i, wav_dir) for i in range(num_no_speech)])
     hours = sum(r["duration"] for r in rows) / 3600
