@@ -10,10 +10,12 @@ per rank. Here:
   same row checks and the same ``data.on_bad_row`` policy when a row is *reached* (``error``: a
   :class:`~qwen3asr_train.data.manifest.ManifestError` naming file and line; ``skip``: counted, logged, and
   appended to ``rejects.jsonl``).
-* :class:`LazyWindowSampler` feeds that stream to Lhotse's ``DynamicBucketingSampler`` (bucket edges estimated
+* :class:`LazyWindowSampler` feeds that stream to Lhotse's ``DynamicBucketer`` (the engine of its
+  ``DynamicBucketingSampler``; bucket edges estimated
   from the first ``data.bucket_estimate_rows`` rows, a seeded shuffle inside a buffer of
   ``data.bucket_buffer_size`` rows, batches bounded by padded seconds ``count × longest ≤ max_batch_seconds``
-  and ``count ≤ max_batch_size`` — Lhotse's ``TimeConstraint`` is the same bound as our eager batcher), then
+  and ``count ≤ max_batch_size`` — Lhotse's ``TimeConstraint`` is the bound of our eager batcher, which
+  also splits the rare Lhotse batch that overshoots it by its last row), then
   forms windows of ``accumulate`` micro-batches (the window collator's token normalisation needs whole
   windows) and deals them to ranks exactly as the eager sampler does.
 
@@ -48,7 +50,7 @@ from qwen3asr_train.data.manifest import (
     open_lines,
     parse_row,
 )
-from qwen3asr_train.data.sampler import Window
+from qwen3asr_train.data.sampler import Window, pack_by_duration
 
 log = logging.getLogger(__name__)
 
@@ -303,32 +305,38 @@ class LazyWindowSampler:
         return self._bins
 
     def micro_batches(self, epoch: int) -> Iterator[tuple[tuple[int, ...], tuple[Utterance, ...]]]:
-        """All ranks' micro-batches of ``epoch`` in training order, as ``(row numbers, rows)`` (deterministic)."""
+        """All ranks' micro-batches of ``epoch`` in training order, as ``(row numbers, rows)`` (deterministic).
+
+        Lhotse's ``DynamicBucketer`` (the engine of its ``DynamicBucketingSampler``) with both of its random
+        generators seeded from (seed, epoch). The bucket-selection generator must be given: without it,
+        Lhotse 1.33 tests ``if bucket`` on a ``queue.Queue`` (always true) at the end of the stream, can pick
+        an empty bucket and stop the epoch with rows still buffered (found by the coverage test here)."""
         import warnings
 
-        from lhotse import CutSet
-        from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketingSampler
+        from lhotse.dataset.sampling.dynamic_bucketing import DynamicBucketer
 
         with warnings.catch_warnings():
             # Lhotse warns when its guess of the buffer's bucket sizes is small; our batches are still bounded
             warnings.filterwarnings("ignore", message=".*buffer_size.*", category=UserWarning)
-            sampler = DynamicBucketingSampler(
-                CutSet(_CutStream(self.rows, epoch)),
+            bucketer = DynamicBucketer(
+                _CutStream(self.rows, epoch),
+                duration_bins=self.duration_bins(),
+                world_size=1,  # one global stream; windows are dealt to ranks below
                 max_duration=self.max_seconds,
                 max_cuts=self.max_batch_size,
-                duration_bins=self.duration_bins(),
-                shuffle=self.shuffle,
-                seed=self.seed,
-                buffer_size=self.buffer_size,
-                world_size=1,  # one global stream; windows are dealt to ranks below
-                rank=0,
-                sync_buckets=False,
                 drop_last=False,
+                buffer_size=self.buffer_size,
+                shuffle=self.shuffle,
+                rng=random.Random(f"lazy-batches/{self.seed}/{epoch}"),
+                bucket_rng=random.Random(f"lazy-buckets/{self.seed}/{epoch}"),
             )
-        sampler.set_epoch(epoch)
-        for batch in sampler:
+        for batch in bucketer:
             rows = [cut.custom["row"] for cut in batch]
-            yield tuple(n for n, _ in rows), tuple(u for _, u in rows)
+            # Lhotse closes a batch *after* adding the row that crosses the limit (a longer row raises
+            # count × longest past max_seconds); our bound is strict, so such a batch is split in order
+            durations = [u.duration for _, u in rows]
+            for part in pack_by_duration(range(len(rows)), durations, self.max_seconds, self.max_batch_size):
+                yield tuple(rows[i][0] for i in part), tuple(rows[i][1] for i in part)
 
     def windows(self, epoch: int) -> Iterator[Window]:
         """This rank's windows of ``epoch``, produced as the stream is read."""
