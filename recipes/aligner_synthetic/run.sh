@@ -34,12 +34,14 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     $PY data_tools/textgrid_to_manifest.py --corpus-dir $exp/mfa/$split/corpus \
       --alignments-dir $exp/mfa/$split/aligned --language English --out $exp/manifests/$split.jsonl
   done
+  log "Stage 2: 30 s evaluation clips joined from the held-out clips (long-form accuracy)"
+  $PY recipes/aligner_synthetic/make_long_set.py $exp/manifests/test.jsonl $exp/long --max-seconds 30 --num-classes 375
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
-  log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins)"
+  log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins, short + joined 30 s clips)"
   rm -rf $exp/train
-  # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay.
+  # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay, long-form.
   TIMEFORMAT="training CPU time: %U s user + %S s system (%R s wall)"
   time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 6))
   touch $exp/train/.done
