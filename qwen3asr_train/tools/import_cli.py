@@ -97,6 +97,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return _finish("segment", writer, extra)
 
 
+def cmd_import_noise(args: argparse.Namespace) -> int:
+    from qwen3asr_train.tools.importers import import_noise
+
+    writer = _writer(args)
+    extra = import_noise(Path(args.folder), writer, args.max_seconds, list(args.exclude))
+    return _finish("import-noise", writer, extra)
+
+
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from qwen3asr_train.tools.hf_import import HFColumns, import_hf
 
@@ -229,6 +237,27 @@ def add_import_commands(sub: Any) -> None:
     p.add_argument("--write-wavs", action="store_true", help="write each segment to OUT_DIR/wavs/ instead of offsets")
     _common(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser(
+        "import-noise",
+        help="folder of noise recordings (MUSAN-style) -> noise manifest for data.augment",
+        formatter_class=TEXT,
+        description=(
+            "Import a folder of noise recordings (e.g. MUSAN: noise/, music/, speech/) as no-speech rows, the\n"
+            "noise manifest data.augment.noise_manifests reads. Every audio file under FOLDER (recursively,\n"
+            "sorted) is one row with id = its path under FOLDER without suffix; files longer than --max-seconds\n"
+            "are referenced as equal pieces (offset/duration). --exclude PATTERN (repeatable, a glob on that\n"
+            "path) leaves files out, e.g. MUSAN's speech. Unreadable and too-short files are rejects; other\n"
+            "files (READMEs, LICENSE) are counted as ignored. Audio is referenced in place.\n\n" + LAYOUT + "\n\n"
+            "example: qwen3asr-data import-noise musan --exclude 'speech/*' --max-seconds 60 --out-dir data/noise\n"
+            "then:    data.augment.noise_prob=0.5 data.augment.noise_manifests=data/noise/manifest.jsonl"
+        ),
+    )
+    p.add_argument("folder", help="folder of noise recordings (searched recursively)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="split longer files into pieces (0 = whole files)")
+    p.add_argument("--exclude", action="append", default=[], help="glob on the path under FOLDER to leave out")
+    _common(p)
+    p.set_defaults(func=cmd_import_noise)
 
     p = sub.add_parser(
         "import-hf",

@@ -398,3 +398,65 @@ def import_kaldi(
         if uid not in used_segments:
             writer.reject(data_dir / "segments", seg_line, "no_text", f"segment {uid!r} has no transcript in text")
     return {"source": str(data_dir)}
+
+
+# ------------------------------------------------------------------------------------------- noise
+NOISE_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".sph", ".aiff", ".aif")
+"""Audio files a noise import picks up (what soundfile reads); other files (MUSAN's READMEs, ANNOTATIONS,
+LICENSE) are counted as ignored."""
+
+
+def import_noise(
+    folder: Path, writer: ManifestWriter, max_seconds: float = 0.0, exclude: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A folder of noise recordings (MUSAN-style: ``noise/``, ``music/``, ``speech/`` subfolders) -> no-speech rows.
+
+    Why an importer of its own: ``data.augment.noise_manifests`` reads rows with ``audio`` (+ ``offset``/
+    ``duration``); a noise corpus is a tree of files with no transcript. Every audio file under ``folder``
+    (recursively, in sorted path order) becomes one row, or — when longer than ``max_seconds`` (> 0) — equal
+    consecutive pieces of at most ``max_seconds`` referenced by offset/duration. Ids are the path under
+    ``folder`` without its suffix (``music/fma/music-fma-0001``), so the category stays visible. ``exclude``:
+    glob patterns on that path (``speech/*`` leaves out MUSAN's speech, as Kaldi and Lhotse recipes do for
+    additive noise). Unreadable or too-short files are rejects with the file and a reason.
+    """
+    import fnmatch
+    import math
+
+    from qwen3asr_train.data.audio import AudioError, audio_info
+
+    if not folder.is_dir():
+        raise CorpusImportError(f"{folder}: noise folder not found")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    audio = [p for p in files if p.suffix.lower() in NOISE_SUFFIXES]
+    excluded = 0
+    for path in audio:
+        rel = path.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatch(rel, pattern) for pattern in exclude):
+            excluded += 1
+            continue
+        try:
+            frames, rate = audio_info(path)
+        except AudioError as exc:
+            writer.reject(path, None, "audio_unreadable", str(exc))
+            continue
+        seconds = frames / rate if rate else 0.0
+        pieces = math.ceil(seconds / max_seconds - 1e-9) if max_seconds > 0 and seconds > max_seconds else 1
+        length = seconds / pieces
+        stem = rel.rsplit(".", 1)[0]
+        for k in range(pieces):
+            row: dict[str, Any] = {
+                "id": stem if pieces == 1 else f"{stem}-{k:04d}",
+                "audio": audio_reference(path, writer.out_dir),
+                "text": "",
+                "no_speech": True,
+                "duration": round(length, 3) if pieces > 1 else seconds,
+            }
+            if k:
+                row["offset"] = round(k * length, 3)
+            writer.add(row, path, None)
+    return {
+        "folder": str(folder),
+        "audio_files": len(audio),
+        "excluded_files": excluded,
+        "ignored_files": len(files) - len(audio),
+    }
