@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import random
 import time
@@ -20,6 +21,8 @@ from qwen3asr_train.data.manifest import ManifestError, RowChecks, read_manifest
 from qwen3asr_train.data.sampler import Window
 from qwen3asr_train.languages import LanguageTable
 from qwen3asr_train.testing import write_clip
+
+log = logging.getLogger(__name__)
 
 CLIP_SECONDS = 3.0
 
@@ -338,8 +341,8 @@ def test_start_cost_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     eager = read_manifest(small, RowChecks(LanguageTable()))
     eager_s = time.perf_counter() - t0
-    print(
-        f"\nlazy start: 10k rows {small_s:.2f} s / {small_peak / 2**20:.1f} MiB peak; 1M rows {big_s:.2f} s / "
+    log.info(
+        f"lazy start: 10k rows {small_s:.2f} s / {small_peak / 2**20:.1f} MiB peak; 1M rows {big_s:.2f} s / "
         f"{big_peak / 2**20:.1f} MiB peak (1M manifest written in {write_seconds:.1f} s, "
         f"{big.stat().st_size / 2**20:.0f} MiB); eager read of 10k rows {eager_s:.2f} s ({len(eager)} rows)"
     )
@@ -380,7 +383,7 @@ def test_sft_starts_on_a_million_rows(tmp_path: Path) -> None:
     training.fit(trainer, module, datamodule=datamodule)
     total = time.perf_counter() - t0
     rss = _rss_mib()
-    print(f"\nsft on 1M rows: prepare {prepared:.1f} s, 2 steps done after {total:.1f} s, RSS {rss:.0f} MiB")
+    log.info(f"sft on 1M rows: prepare {prepared:.1f} s, 2 steps done after {total:.1f} s, RSS {rss:.0f} MiB")
     assert trainer.global_step == 2
     assert prepared < 120
 

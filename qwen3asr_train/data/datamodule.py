@@ -105,11 +105,10 @@ class TrainData:
         if self.lazy is not None:
             self.lazy.row_filter = token_limit_filter(processor, cfg.max_text_tokens)
 
-    def dataset(self, cfg: DataConfig, rejects_path: Path | None = None, rank: int = 0) -> UtteranceDataset:
-        """The training dataset; rows skipped later (decoding, lazy rows) are appended to ``rejects_path``."""
+    def dataset(self, cfg: DataConfig, rejects_path: Path | None = None) -> UtteranceDataset:
+        """The training dataset; rows skipped later (decoding, lazy rows: on rank 0) are appended to ``rejects_path``."""
         if self.lazy is not None:
             dataset: UtteranceDataset = LazyDataset(self.lazy, cfg.on_bad_row)
-            self.lazy.rejects_path = rejects_path if rank == 0 else None
         else:
             dataset = UtteranceDataset(self.utterances, cfg.on_bad_row, self.hf, cfg.hf_train.audio_column)
         dataset.rejects_path = rejects_path
@@ -245,6 +244,8 @@ class ASRDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler: DurationWindowSampler | LazyWindowSampler
         if isinstance(dataset, LazyDataset):
+            # every rank reads every row; one writes the rows it skips
+            dataset.rows.rejects_path = dataset.rejects_path if rank == 0 else None
             sampler = LazyWindowSampler(
                 dataset.rows,
                 max_seconds=self.cfg.max_batch_seconds,
