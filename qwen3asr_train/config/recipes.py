@@ -160,6 +160,31 @@ class DecodeConfig:
 
 
 @dataclass
+class BiasingConfig:
+    """Context-biasing evaluation (``eval/biasing.py``): every utterance decoded once per hot-word list size."""
+
+    enabled: bool = False
+    """Run it (``evaluation.biasing.enabled=true`` in training, ``recipe.biasing.enabled=true`` in ``recipe=eval``)."""
+    sizes: list[int] = field(default_factory=lambda: [0, 10, 100, 1000])
+    """Hot-word list sizes (true words + distractors); 0 = no list, the recall baseline."""
+    hotwords_per_utterance: int = 2
+    """True hot words per utterance: the rarest candidate words of its reference."""
+    pool_manifests: list[str] = field(default_factory=list)
+    """Extra manifests whose transcripts join the distractor pool (the evaluation sets' own words always do)."""
+    max_utterances: int = 0
+    """Biasing-decode at most this many utterances per set (0: all); each is decoded once per size."""
+    seed: int = 0
+    """Seed of the word choices and list orders (same seed, same lists)."""
+
+    def validate(self) -> None:
+        _require(bool(self.sizes), "biasing.sizes", "name at least one list size, e.g. [0,10,100]")
+        _require(all(int(n) >= 0 for n in self.sizes), "biasing.sizes", "sizes must be >= 0")
+        _require(len(set(self.sizes)) == len(self.sizes), "biasing.sizes", "sizes must be distinct")
+        _require(self.hotwords_per_utterance >= 1, "biasing.hotwords_per_utterance", "must be >= 1")
+        _require(self.max_utterances >= 0, "biasing.max_utterances", "must be >= 0 (0 = all)")
+
+
+@dataclass
 class EvalHookConfig:
     """Decode named validation sets during training and log WER/CER, LID accuracy, S/D/I (every stage)."""
 
@@ -179,6 +204,8 @@ class EvalHookConfig:
     """Reference/hypothesis pairs logged per set (text logs; tables on wandb)."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding options."""
+    biasing: BiasingConfig = field(default_factory=BiasingConfig)
+    """Context-biasing evaluation of the sets (off by default): recall / false alarms / U-WER per list size."""
 
     def validate(self) -> None:
         _require(self.every_n_steps >= 0, "evaluation.every_n_steps", "must be >= 0")
@@ -220,6 +247,8 @@ class EvalConfig:
     """Decoding options."""
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     """Streaming evaluation (off by default): chunked re-decoding with a rolled-back prefix, scored like offline."""
+    biasing: BiasingConfig = field(default_factory=BiasingConfig)
+    """Context-biasing evaluation (off by default): recall / false alarms / U-WER per hot-word list size + chart."""
 
     def validate(self) -> None:
         _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. +recipe.sets.test=test.jsonl")
@@ -324,6 +353,10 @@ class GSPOConfig(GSPOSampling):
     reuse_prompt_state: bool = True
     """Behaviour log-probs reuse the rollout's prefilled prompts (audio embeddings + prompt cache) instead of
     recomputing them: the weights are the same (no update in between). Needs an engine that returns them."""
+    sampler_logprobs: bool = False
+    """Take the behaviour log-probs from the sampler (``logits / temperature`` at each sampling step, as vLLM
+    reports them; GSPO paper §5.4) instead of a recomputing pass; they differ from the recomputed ones by
+    float round-off (~1e-6), far inside the 3e-4 clip. Needs an engine that reports them (shared prefix)."""
     export_on_end: bool = True
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 

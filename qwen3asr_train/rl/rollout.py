@@ -1,18 +1,33 @@
 """GSPO rollouts: prompts, G sampled transcripts per utterance, and sequence log-probabilities.
 
-Why not ``generate(num_return_sequences=G)`` on the processor output: transformers repeats every input
-tensor G times, ``input_features`` included, so the audio encoder runs G times per utterance. Here the encoder runs once per utterance: the prompt
-embeddings (text embeddings with the projected audio scattered into the ``<|audio_pad|>`` slots) are
-built once and repeated G times, and generation starts from ``inputs_embeds``.
+Cost model (why this module looks the way it does). A rollout batch of B utterances costs one audio
+encoder pass, one *prefill* of the B prompts (~170 tokens each with the audio placeholders), C sampling
+steps over B·G rows, and the log-probability passes. Two paths exist, chosen by ``recipe.shared_prefix``:
 
-Log-probabilities are recomputed by one teacher-forced pass with the same embeddings and position ids
-(``cumsum(attention_mask) − 1``, as generation uses for left-padded prompts), dividing the logits by
-the sampling temperature, and the LM head is evaluated only at completion positions.
+* **shared prefix** (default): each prompt is prefilled **once**; its key/value cache (``PromptState``)
+  is repeated G times along the batch dimension and the G continuations are sampled from it with our
+  own loop (:func:`sample_from_prompts`: the same logits processors, ``softmax`` and
+  ``torch.multinomial`` per step as transformers' ``generate``, so with one seed both paths draw the
+  same tokens). Log-probabilities are computed the same way: one prompt prefill per group, then one
+  forward of the B·G completions over the repeated cache (:func:`completion_logprobs`). The behaviour
+  (old) log-prob pass, which runs right after sampling with the same weights and dropout off, reuses
+  the rollout's prompt state outright (no encoder, no prefill): ``Rollouts.prompt_state``. The update
+  pass recomputes everything, since it needs gradients and the weights change between minibatches.
+* **plain** (``recipe.shared_prefix=false``, the earlier path, kept for comparison and as a fallback):
+  the prompt embeddings are repeated G times and passed to ``generate``, and every log-prob pass
+  re-encodes the audio and re-runs the B·G full prompt+completion sequences.
 
-Engines: :class:`HFGenerateEngine` (transformers ``generate``; CPU-testable) implements
-:class:`RolloutEngine`. A vLLM engine would implement the same two methods (``generate`` and
-``sync_weights``: load the updated weights, then reset the prefix cache); it is not shipped because
-it cannot be tested without a GPU here.
+Both paths run the audio encoder once per utterance in generation (``generate(num_return_sequences=G)``
+would repeat ``input_features`` G times). Positions are ``cumsum(attention_mask) − 1`` (what generation
+uses for left-padded prompts); logits are divided by the sampling temperature; the LM head is evaluated
+only where a completion token is predicted. ``benchmarks/gspo_step_cost.py`` measures both paths.
+
+Engines: :class:`HFGenerateEngine` (transformers model in the training process; CPU-testable)
+implements :class:`RolloutEngine`. A vLLM engine would implement the same two methods (``generate``
+with ``SamplingParams(n=G)``, whose prefix cache shares the prompt; ``sync_weights``: load the updated
+weights, reset the prefix cache, and reset the encoder cache when the encoder trains). It returns
+``prompt_state=None`` (its cache lives in another engine), so the trainer recomputes the old log-probs
+with one prefill per group. vLLM is not shipped because it cannot be tested without a GPU here.
 """
 
 from __future__ import annotations
@@ -25,7 +40,8 @@ from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
-from transformers import Qwen3ASRProcessor
+from transformers import DynamicCache, LogitsProcessorList, Qwen3ASRProcessor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from qwen3asr_train.config.schema import GSPOSampling
 from qwen3asr_train.data.audio import SAMPLE_RATE
@@ -76,6 +92,11 @@ class Rollouts:
     texts: list[str]
     truncated: list[bool]
     extra: dict[str, float] = field(default_factory=dict)
+    prompt_state: PromptState | None = None
+    """The B prompts as prefilled by the weights that sampled them (HF engine, shared prefix); None otherwise."""
+    sampled_logprobs: torch.Tensor | None = None
+    """``(B*G, C)`` log-probs of the sampled tokens under the sampler's ``logits / temperature`` (0 at padding), when
+    the engine reports them (a vLLM engine: ``logprobs=0`` with ``logprobs_mode="processed_logprobs"``)."""
 
 
 @contextmanager
@@ -158,29 +179,114 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
+@dataclass
+class PromptState:
+    """The prefilled prompts of B utterances: what every continuation of a prompt shares.
+
+    ``keys``/``values`` hold one ``(B, kv_heads, P, head_dim)`` tensor per decoder layer, ``last_hidden``
+    the final hidden state at the last prompt position (it predicts the first completion token), ``mask``
+    the ``(B, P)`` prompt attention mask. Valid only for the weights that computed it: the trainer uses a
+    rollout's state for the behaviour log-probs (same weights, no update in between) and then drops it.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_hidden: torch.Tensor  # (B, H)
+    mask: torch.Tensor  # (B, P)
+
+    def select(self, rows: Sequence[int]) -> PromptState:
+        """The state of a subset of prompts (a minibatch); the shared left-padding columns stay (masked)."""
+        if list(rows) == list(range(self.mask.shape[0])):
+            return self
+        idx = torch.tensor(list(rows), device=self.mask.device)
+        return PromptState(
+            [k[idx] for k in self.keys], [v[idx] for v in self.values], self.last_hidden[idx], self.mask[idx]
+        )
+
+    def expanded_cache(self, group_size: int, config: object) -> DynamicCache:
+        """A fresh ``DynamicCache`` with every prompt repeated ``group_size`` times (rows ``b*G + g``).
+
+        Fresh because decoding appends to the cache: the state itself is never modified, so it can serve
+        several passes. ``repeat_interleave`` keeps the autograd graph, so in the update pass the gradient
+        of all G continuations flows back into the one prefill.
+        """
+        data = [
+            (k.repeat_interleave(group_size, 0), v.repeat_interleave(group_size, 0))
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+        return DynamicCache(data, config=config)
+
+
+def _check_cacheable(model: torch.nn.Module) -> None:
+    text = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(
+            f"recipe.shared_prefix=true needs full-attention decoder layers (a repeated prompt cache), this model has "
+            f"{sorted(kinds)}; set recipe.shared_prefix=false"
+        )
+
+
+def prefill(model: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> PromptState:
+    """Run the decoder over ``(B, P, H)`` prompt embeddings once and keep its cache (grad as the context allows)."""
+    _check_cacheable(model)
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=True
+    )
+    cache = out.past_key_values
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return PromptState(keys, values, out.last_hidden_state[:, -1], mask)
+
+
 def completion_logprobs(
-    model: torch.nn.Module, rollouts: Rollouts, temperature: float, rows: Sequence[int] | None = None
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    temperature: float,
+    rows: Sequence[int] | None = None,
+    shared_prefix: bool = True,
+    prompt_state: PromptState | None = None,
 ) -> torch.Tensor:
     """``(R, C)`` log-probabilities of the sampled tokens under ``model`` (0 at padded positions).
 
     ``rows`` selects prompts (indices into the B prompts; their G completions are taken together), so a
-    minibatch re-encodes only its own utterances.
+    minibatch re-encodes only its own utterances. ``shared_prefix`` prefills each prompt once and runs the
+    G completions over its repeated cache; otherwise each of the R rows runs prompt + completion.
+    ``prompt_state`` (all B prompts, computed by *these* weights) skips the encoder and the prefill.
     """
     g = rollouts.group_size
     prompt_rows = list(range(len(rollouts.prompts.samples))) if rows is None else list(rows)
-    sub = _subset(rollouts.prompts, prompt_rows)
     comp_rows = torch.tensor([b * g + k for b in prompt_rows for k in range(g)], device=rollouts.completion_ids.device)
     comp_ids = rollouts.completion_ids[comp_rows]  # (R, C)
     comp_mask = rollouts.completion_mask[comp_rows]  # (R, C)
-    prompt = prompt_embeddings(model, sub).repeat_interleave(g, 0)  # (R, P, H)
     tokens = model.get_input_embeddings()(comp_ids)  # (R, C, H)
-    embeds = torch.cat([prompt, tokens.to(prompt.dtype)], dim=1)  # (R, P+C, H)
-    mask = torch.cat([sub.attention_mask.repeat_interleave(g, 0), comp_mask], dim=1)  # (R, P+C)
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-    ).last_hidden_state  # (R, P+C, H)
-    p = sub.input_ids.shape[1]
-    before = hidden[:, p - 1 : p - 1 + comp_ids.shape[1]]  # (R, C, H): state that predicts each completion token
+    if shared_prefix or prompt_state is not None:
+        if prompt_state is not None:
+            state = prompt_state.select(prompt_rows)
+        else:
+            sub = _subset(rollouts.prompts, prompt_rows)
+            state = prefill(model, prompt_embeddings(model, sub), sub.attention_mask)
+        mask = torch.cat([state.mask.repeat_interleave(g, 0), comp_mask], dim=1)  # (R, P+C)
+        p = state.mask.shape[1]
+        hidden = model.model.language_model(
+            inputs_embeds=tokens.to(state.last_hidden.dtype),
+            attention_mask=mask,
+            position_ids=position_ids(mask)[:, p:],
+            past_key_values=state.expanded_cache(g, model.config),
+            use_cache=True,
+        ).last_hidden_state  # (R, C, H)
+        first = state.last_hidden.repeat_interleave(g, 0).unsqueeze(1)  # (R, 1, H): predicts completion token 0
+        before = torch.cat([first, hidden[:, :-1]], dim=1)  # (R, C, H): state that predicts each completion token
+    else:
+        sub = _subset(rollouts.prompts, prompt_rows)
+        prompt = prompt_embeddings(model, sub).repeat_interleave(g, 0)  # (R, P, H)
+        embeds = torch.cat([prompt, tokens.to(prompt.dtype)], dim=1)  # (R, P+C, H)
+        mask = torch.cat([sub.attention_mask.repeat_interleave(g, 0), comp_mask], dim=1)  # (R, P+C)
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state  # (R, P+C, H)
+        p = sub.input_ids.shape[1]
+        before = hidden[:, p - 1 : p - 1 + comp_ids.shape[1]]  # (R, C, H)
     valid = comp_mask.bool()  # (R, C)
     logits = model.lm_head(before[valid]).float() / temperature  # (N, V)
     picked = torch.log_softmax(logits, -1).gather(-1, comp_ids[valid].unsqueeze(-1)).squeeze(-1)  # (N,)
@@ -208,8 +314,75 @@ def _subset(prompts: PromptBatch, rows: Sequence[int]) -> PromptBatch:
     )
 
 
+def logits_warpers(opts: GSPOSampling) -> LogitsProcessorList:
+    """The sampling transforms ``generate(do_sample=True, ...)`` applies for these options, in its order."""
+    warpers = LogitsProcessorList()
+    if opts.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(opts.temperature))
+    if opts.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=opts.top_k))
+    if opts.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=opts.top_p))
+    return warpers
+
+
+@torch.no_grad()
+def sample_from_prompts(
+    model: torch.nn.Module,
+    prompts: PromptBatch,
+    opts: SamplingOptions,
+    end_ids: Sequence[int],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, PromptState]:
+    """``(B*G, C)`` sampled token ids (pad after a row's end token), their ``(B*G, C)`` log-probabilities under
+    ``logits / temperature`` (what :func:`completion_logprobs` computes; top-k/top-p do not enter them) and the
+    prompts' state, with one prefill per prompt.
+
+    Each step: logits of the last token (float32) → temperature/top-k/top-p → softmax → one
+    ``torch.multinomial`` draw per row; finished rows get ``pad_id``; stop when every row has ended or
+    after ``prompts.max_new_tokens``. That is ``generate``'s sampling step for step (same RNG draws, same
+    shapes), here over a prompt cache prefilled once and repeated G times.
+    """
+    g = opts.group_size
+    state = prefill(model, prompt_embeddings(model, prompts), prompts.attention_mask)
+    cache = state.expanded_cache(g, model.config)
+    mask = state.mask.repeat_interleave(g, 0)  # (B*G, P)
+    hidden = state.last_hidden.repeat_interleave(g, 0)  # (B*G, H)
+    warpers = logits_warpers(opts)
+    ends = torch.tensor(list(end_ids), device=mask.device)
+    unfinished = torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)  # (B*G,)
+    generated: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    for step in range(prompts.max_new_tokens):
+        if step > 0:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B*G, P+t)
+            hidden = model.model.language_model(
+                inputs_embeds=model.get_input_embeddings()(generated[-1][:, None]).to(hidden.dtype),
+                attention_mask=mask,
+                position_ids=position_ids(mask)[:, -1:],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]  # (B*G, H)
+        logits = model.lm_head(hidden).float()  # (B*G, V)
+        seen = torch.stack(generated, 1) if generated else mask.new_zeros(mask.shape[0], 0)
+        probs = torch.softmax(warpers(seen, logits), dim=-1)
+        token = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B*G,)
+        token = token * unfinished + pad_id * (1 - unfinished)
+        generated.append(token)
+        logprobs.append(torch.log_softmax(logits / opts.temperature, -1).gather(-1, token[:, None]).squeeze(-1))
+        unfinished = unfinished & ~torch.isin(token, ends)
+        if not bool(unfinished.any()):
+            break
+    return torch.stack(generated, dim=1), torch.stack(logprobs, dim=1), state
+
+
 class RolloutEngine(Protocol):
-    """Produces G completions per prompt with the current policy."""
+    """Produces G completions per prompt with the current policy.
+
+    ``generate`` returns :class:`Rollouts` (groups contiguous; ``completion_mask`` up to and including the end
+    token); it may attach ``prompt_state`` only when that state was computed by the training model's current
+    weights in this process. ``sync_weights`` is called after every optimizer step.
+    """
 
     def generate(self, model: torch.nn.Module, prompts: PromptBatch, opts: SamplingOptions) -> Rollouts: ...
 
@@ -217,7 +390,7 @@ class RolloutEngine(Protocol):
 
 
 class HFGenerateEngine:
-    """Sampling with transformers ``generate`` from shared prompt embeddings (encoder once per utterance)."""
+    """Sampling with the training model itself (encoder once per utterance; prefill once per prompt when shared)."""
 
     def __init__(self, processor: Qwen3ASRProcessor) -> None:
         tok = processor.tokenizer
@@ -231,19 +404,23 @@ class HFGenerateEngine:
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, prompts: PromptBatch, opts: SamplingOptions) -> Rollouts:
         g = opts.group_size
-        embeds = prompt_embeddings(model, prompts).repeat_interleave(g, 0)  # (B*G, P, H)
-        mask = prompts.attention_mask.repeat_interleave(g, 0)  # (B*G, P)
-        out = model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=opts.top_k,
-            max_new_tokens=prompts.max_new_tokens,
-            eos_token_id=self.end_ids,
-            pad_token_id=self.pad_id,
-        )  # (B*G, C): only new tokens when generating from embeddings
+        state = sampled = None
+        if opts.shared_prefix:
+            out, sampled, state = sample_from_prompts(model, prompts, opts, self.end_ids, self.pad_id)  # (B*G, C)
+        else:
+            embeds = prompt_embeddings(model, prompts).repeat_interleave(g, 0)  # (B*G, P, H)
+            mask = prompts.attention_mask.repeat_interleave(g, 0)  # (B*G, P)
+            out = model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                top_k=opts.top_k,
+                max_new_tokens=prompts.max_new_tokens,
+                eos_token_id=self.end_ids,
+                pad_token_id=self.pad_id,
+            )  # (B*G, C): only new tokens when generating from embeddings
         ends = torch.isin(out, torch.tensor(self.end_ids, device=out.device))  # (B*G, C)
         seen_end = ends.long().cumsum(-1)  # (B*G, C)
         comp_mask = ((seen_end == 0) | (ends & (seen_end == 1))).long()  # up to and including the first end
@@ -253,4 +430,6 @@ class HFGenerateEngine:
             self.tokenizer.decode(row[m.bool()], skip_special_tokens=True)
             for row, m in zip(ids, comp_mask, strict=True)
         ]
-        return Rollouts(prompts, g, ids, comp_mask, texts, truncated)
+        if sampled is not None:
+            sampled = sampled.masked_fill(comp_mask == 0, 0.0)
+        return Rollouts(prompts, g, ids, comp_mask, texts, truncated, prompt_state=state, sampled_logprobs=sampled)

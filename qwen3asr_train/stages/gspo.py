@@ -41,6 +41,7 @@ from qwen3asr_train.model.builder import AsrModel, build_model
 from qwen3asr_train.rl import gspo as gspo_math
 from qwen3asr_train.rl.rewards import CompositeReward, RewardInput
 from qwen3asr_train.rl.rollout import (
+    PromptState,
     RolloutEngine,
     Rollouts,
     SamplingOptions,
@@ -48,6 +49,7 @@ from qwen3asr_train.rl.rollout import (
     completion_logprobs,
     sampling_rng,
 )
+from qwen3asr_train.rl.timing import PhaseTimer
 from qwen3asr_train.training import build_optimizer, build_trainer, check_resume_plan, fit
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class GSPOModule(L.LightningModule):
         self.ref_model = ref_model
         self.gradient_clip_val = gradient_clip_val
         self._pending: dict[str, Any] | None = None
+        self.timer = PhaseTimer()
+        """Seconds per step phase (generation, rewards, old_logprobs, update_forward, backward_optimizer)."""
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -88,40 +92,45 @@ class GSPOModule(L.LightningModule):
         r = self.recipe
         was_training = self.model.training
         self.model.eval()  # dropout off: behaviour log-probs and sampling use the deterministic policy
-        prompts = build_prompts(self.processor, samples, self.sampling, rollout).to(self.device)
-        with sampling_rng(self.sampling.seed, self.global_rank, rollout, self.device):
-            rollouts = self.engine.generate(self.model, prompts, self.sampling)
-        inputs = [
-            RewardInput(
-                completion=rollouts.texts[b * r.group_size + g],
-                reference=s.utt.text,
-                language=s.utt.language,
-                forced_language=prompts.forced_language[b],
-                hotwords=prompts.hotwords[b],
-                truncated=rollouts.truncated[b * r.group_size + g],
-                audio_seconds=max(len(s.audio) / SAMPLE_RATE, 1e-3),
-            )
-            for b, s in enumerate(samples)
-            for g in range(r.group_size)
-        ]
-        total, terms = self.rewards(inputs)  # (B*G,) float64
-        advantages = gspo_math.compute_advantages(total, r.group_size, r.advantage_scale, r.advantage_eps)
+        with self.timer.phase("generation"):
+            prompts = build_prompts(self.processor, samples, self.sampling, rollout).to(self.device)
+            with sampling_rng(self.sampling.seed, self.global_rank, rollout, self.device):
+                rollouts = self.engine.generate(self.model, prompts, self.sampling)
+        with self.timer.phase("rewards"):
+            inputs = [
+                RewardInput(
+                    completion=rollouts.texts[b * r.group_size + g],
+                    reference=s.utt.text,
+                    language=s.utt.language,
+                    forced_language=prompts.forced_language[b],
+                    hotwords=prompts.hotwords[b],
+                    truncated=rollouts.truncated[b * r.group_size + g],
+                    audio_seconds=max(len(s.audio) / SAMPLE_RATE, 1e-3),
+                )
+                for b, s in enumerate(samples)
+                for g in range(r.group_size)
+            ]
+            total, terms = self.rewards(inputs)  # (B*G,) float64
+            advantages = gspo_math.compute_advantages(total, r.group_size, r.advantage_scale, r.advantage_eps)
         zero_var = gspo_math.zero_variance_groups(total, r.group_size)  # (B,)
         groups = [b for b in range(len(samples)) if not (r.drop_zero_variance and bool(zero_var[b]))]
         rng = random.Random(zlib.crc32(f"minibatch/{self.sampling.seed}/{rollout}".encode()))
         rng.shuffle(groups)
         n_mb = r.steps_per_generation
         minibatches = [sorted(groups[i::n_mb]) for i in range(n_mb)]
-        old = {
-            i: completion_logprobs(self.model, rollouts, r.temperature, mb) if mb else None
-            for i, mb in enumerate(minibatches)
-        }
-        ref = {}
-        if self.ref_model is not None:
-            ref = {
-                i: completion_logprobs(self.ref_model, rollouts, r.temperature, mb) if mb else None
-                for i, mb in enumerate(minibatches)
-            }
+        # behaviour log-probs: same weights as the sampler, so the rollout's prefilled prompts are reused
+        state = rollouts.prompt_state if r.reuse_prompt_state else None
+        with self.timer.phase("old_logprobs"):
+            if r.sampler_logprobs and rollouts.sampled_logprobs is None:
+                raise ValueError("recipe.sampler_logprobs=true: the rollout engine reported no sampled log-probs")
+            old = {i: self._old_logprobs(rollouts, mb, state) if mb else None for i, mb in enumerate(minibatches)}
+            ref = {}
+            if self.ref_model is not None:
+                ref = {
+                    i: completion_logprobs(self.ref_model, rollouts, r.temperature, mb, r.shared_prefix) if mb else None
+                    for i, mb in enumerate(minibatches)
+                }
+        rollouts.prompt_state = None  # valid for these weights only: the first update makes it stale
         self.model.train(was_training)
         self._log_rollout(inputs, rollouts, total, terms, zero_var, advantages)
         return {
@@ -132,6 +141,16 @@ class GSPOModule(L.LightningModule):
             "ref": ref,
             "ids": [s.utt.id for s in samples],
         }
+
+    def _old_logprobs(self, rollouts: Rollouts, rows: list[int], state: PromptState | None) -> torch.Tensor:
+        """Behaviour log-probs of a minibatch's completions: the sampler's own (``recipe.sampler_logprobs``) or
+        recomputed with the same weights (one prefill per prompt, or none when ``state`` is reused)."""
+        r = self.recipe
+        if r.sampler_logprobs:
+            g = r.group_size
+            comp = torch.tensor([b * g + k for b in rows for k in range(g)], device=self.device)
+            return rollouts.sampled_logprobs[comp]
+        return completion_logprobs(self.model, rollouts, r.temperature, rows, r.shared_prefix, state)
 
     def at_checkpoint_boundary(self) -> bool:
         """True between rollout batches: the only points a checkpoint resumes exactly (no cached rollout)."""
@@ -158,21 +177,24 @@ class GSPOModule(L.LightningModule):
             rollouts: Rollouts = pending["rollouts"]
             g = r.group_size
             comp = torch.tensor([b * g + k for b in rows for k in range(g)], device=self.device)
-            logp = completion_logprobs(self.model, rollouts, r.temperature, rows)  # (R, C)
-            mask = rollouts.completion_mask[comp]  # (R, C)
-            adv = pending["advantages"][comp].to(logp.dtype)  # (R,)
-            loss, stats = self._loss(logp, pending["old"][j], mask, adv)
-            if self.ref_model is not None and r.kl_beta > 0:
-                kl = gspo_math.kl_k3(logp, pending["ref"][j], mask)
-                loss = loss + r.kl_beta * kl
-                stats["kl"] = kl.detach()
-            self.manual_backward(loss)
-            if self.gradient_clip_val > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            with self.timer.phase("update_forward"):
+                logp = completion_logprobs(self.model, rollouts, r.temperature, rows, r.shared_prefix)  # (R, C)
+                mask = rollouts.completion_mask[comp]  # (R, C)
+                adv = pending["advantages"][comp].to(logp.dtype)  # (R,)
+                loss, stats = self._loss(logp, pending["old"][j], mask, adv)
+                if self.ref_model is not None and r.kl_beta > 0:
+                    kl = gspo_math.kl_k3(logp, pending["ref"][j], mask)
+                    loss = loss + r.kl_beta * kl
+                    stats["kl"] = kl.detach()
+            with self.timer.phase("backward_optimizer"):
+                self.manual_backward(loss)
+                if self.gradient_clip_val > 0:
+                    self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
             self._log_update(loss, stats)
         else:  # every group of this minibatch was dropped (zero variance): keep the step count aligned
             self.manual_backward(sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad))
-        opt.step()
+        with self.timer.phase("backward_optimizer"):
+            opt.step()
         sched.step()
         if batch["minibatch"] == r.steps_per_rollout() - 1:
             self._pending = None
