@@ -33,15 +33,18 @@ uninterrupted run. The replay costs time proportional to the position in the epo
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import (
+    HEADER_CHECK_THREADS,
     ManifestError,
     RowChecks,
     SkipReport,
@@ -58,6 +61,9 @@ LINE_BITS = 6
 """A row's stable number is ``(file << 40) | (line << LINE_BITS) | k``: ``k`` numbers the supervisions of one
 Lhotse cut line (ours have one row per line). The number keys the row's augmentation draws."""
 FILE_SHIFT = 40
+
+CHUNK_ROWS = 256
+"""Rows parsed (and header-checked in threads) together; what the stream holds beyond the bucketing buffer."""
 
 RowFilter = Callable[[Utterance], ManifestError | None]
 """A later check on a parsed row (the token limit, known once the tokenizer exists); returns the error or None."""
@@ -100,6 +106,7 @@ class LazyRows:
         self.report = SkipReport()
         """Rows skipped in the latest complete pass (counts are per pass; a replay counts again)."""
         self._reported: set[str] = set()
+        self._head: tuple[int, list[Utterance]] | None = None
 
     def file_order(self, epoch: int) -> list[int]:
         """Indices into ``paths`` in the order epoch ``epoch`` reads them."""
@@ -135,22 +142,41 @@ class LazyRows:
             self.report = report
 
     def _file_rows(self, file_no: int, report: SkipReport, record: bool) -> Iterator[tuple[int, Utterance]]:
+        """One manifest's rows in order. Lines are parsed in chunks of :data:`CHUNK_ROWS`, with the audio
+        header reads of a chunk in threads (as the eager reader does; on shared storage they wait on the
+        network), so memory holds one chunk, not the file."""
         path = self.paths[file_no]
-        for line_no, raw in enumerate(open_lines(path), start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
+        pool = ThreadPoolExecutor(HEADER_CHECK_THREADS) if self.checks.check_audio else None
+
+        def parse(item: tuple[int, bytes]) -> list[Utterance] | ManifestError:
+            line_no, raw = item
             try:
-                for k, utt in enumerate(self._parse(raw, where, path, line_no)):
-                    if self.row_filter is not None and (error := self.row_filter(utt)) is not None:
-                        raise error
-                    yield (file_no << FILE_SHIFT) | (line_no << LINE_BITS) | (k % (1 << LINE_BITS)), utt
+                return self._parse(raw, f"{path}:{line_no}", path, line_no)
             except ManifestError as exc:
-                if self.policy == "error":
-                    raise
-                if record:
-                    report.add(exc.reason, str(exc), where)
-                    self._write_reject(exc, where)
+                return exc
+
+        try:
+            lines = ((n, raw) for n, raw in enumerate(open_lines(path), start=1) if raw.strip())
+            while chunk := list(itertools.islice(lines, CHUNK_ROWS)):
+                results = pool.map(parse, chunk) if pool is not None else map(parse, chunk)
+                for (line_no, _), result in zip(chunk, results, strict=True):
+                    where = f"{path}:{line_no}"
+                    try:
+                        if isinstance(result, ManifestError):
+                            raise result
+                        for k, utt in enumerate(result):
+                            if self.row_filter is not None and (error := self.row_filter(utt)) is not None:
+                                raise error
+                            yield (file_no << FILE_SHIFT) | (line_no << LINE_BITS) | (k % (1 << LINE_BITS)), utt
+                    except ManifestError as exc:
+                        if self.policy == "error":
+                            raise
+                        if record:
+                            report.add(exc.reason, str(exc), where)
+                            self._write_reject(exc, where)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _parse(self, raw: bytes, where: str, path: Path, line_no: int) -> list[Utterance]:
         """The utterances of one line: one for our rows, one per supervision for a Lhotse cut."""
@@ -184,13 +210,19 @@ class LazyRows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def head(self, n: int) -> list[Utterance]:
-        """The first ``n`` usable rows of the unshuffled file order (bucket edges, tokenizer texts, the plan)."""
+        """The first ``n`` usable rows of the unshuffled file order (bucket edges, tokenizer texts, the plan).
+
+        Kept after the first call (the stage and the sampler both ask; reading them twice doubled the start);
+        the cached rows predate a later ``row_filter``, which only the bucket-edge estimate then sees."""
+        if self._head is not None and self._head[0] == n:
+            return list(self._head[1])
         out = []
         for _, utt in self.iterate_unshuffled():
             out.append(utt)
             if len(out) >= n:
                 break
-        return out
+        self._head = (n, out)
+        return list(out)
 
     def iterate_unshuffled(self) -> Iterator[tuple[int, Utterance]]:
         """Rows in configuration order, without recording skips (they are recorded when training reaches them)."""
@@ -295,7 +327,7 @@ class LazyWindowSampler:
                 raise ManifestError(f"{[str(p) for p in self.rows.paths]}: no usable rows", "empty_manifest")
             buckets = min(self.num_buckets, len(head))
             cuts = [_cut(0, u) for u in head]
-            self._bins = sorted(set(estimate_duration_buckets(cuts, buckets))) if buckets > 1 else []
+            self._bins = sorted({float(b) for b in estimate_duration_buckets(cuts, buckets)}) if buckets > 1 else []
             log.info(
                 "lazy data: %d bucket edges %s estimated from the first %d rows",
                 len(self._bins),
