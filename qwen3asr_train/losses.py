@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
 
 def target_token_ce(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of labelled tokens.
 
@@ -24,13 +25,57 @@ def target_token_ce(
         labels: ``(B, L)`` labels aligned with the input ids (``-100`` = not trained); position ``t``
             is predicted from the hidden state at ``t - 1``.
         head: the LM head (``Linear(H, V)``).
+        chunk_tokens: > 0: evaluate the head and the loss ``chunk_tokens`` targets at a time, each chunk
+            recomputed in backward (:func:`chunked_head_ce`), so no ``(N, V)`` fp32 logits tensor exists;
+            0: all targets at once.
     """
     target = labels[:, 1:]  # (B, L-1)
     mask = target != IGNORE_INDEX  # (B, L-1)
     picked = hidden[:, :-1][mask]  # (N, H)
+    if chunk_tokens > 0:
+        return chunked_head_ce(picked, target[mask], head, chunk_tokens), mask.sum()
     logits = head(picked).float()  # (N, V) — fp32 for a stable log-softmax under bf16 autocast
     loss_sum = F.cross_entropy(logits, target[mask], reduction="sum")  # ()
     return loss_sum, mask.sum()
+
+
+def _head_ce_sum(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # (C, V)
+    return F.cross_entropy(logits, target, reduction="sum")  # ()
+
+
+def chunked_head_ce(
+    hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``target``, ``chunk_tokens`` rows at a time.
+
+    Why: with the real 151,936-token vocabulary the logits of ``N`` targets are ``N × 151,936`` fp32 values
+    (600 KB per target), and autograd keeps them (and the log-softmax) until backward. Each chunk here runs
+    under non-reentrant activation checkpointing, so forward keeps only its ``(C, H)`` input and backward
+    recomputes one chunk's logits at a time: peak memory is one chunk's logits instead of all of them, for
+    one extra head matmul per target. The result and gradients equal the unchunked loss up to summation
+    order (tests/test_memory_features.py).
+
+    Args:
+        hidden: ``(N, H)`` hidden states at the positions that predict a target.
+        target: ``(N,)`` target ids.
+        head: ``Linear(H, V)`` (or any module mapping ``(C, H)`` to ``(C, V)``).
+        chunk_tokens: rows per chunk (> 0).
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if hidden.shape[0] == 0:  # keep the graph (a zero loss still connected to the head)
+        return _head_ce_sum(hidden, target, head)
+    total = hidden.new_zeros((), dtype=torch.float32)  # ()
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h = hidden[start : start + chunk_tokens]  # (C, H)
+        t = target[start : start + chunk_tokens]  # (C,)
+        if torch.is_grad_enabled():
+            part = torch.utils.checkpoint.checkpoint(_head_ce_sum, h, t, head, use_reentrant=False)
+        else:
+            part = _head_ce_sum(h, t, head)
+        total = total + part
+    return total
 
 
 def audio_ctc(

@@ -9,6 +9,7 @@ aligner; a stage only brings its LightningModule. See docs/fault_handling.md.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import inspect
 import json
@@ -35,6 +36,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
+from qwen3asr_train.data.packing import PACKED_KEY, packed_causal_mask
 from qwen3asr_train.progress import IntervalMeans, logger_writes_after_this_batch, progress_callbacks
 
 log = logging.getLogger(__name__)
@@ -625,7 +627,11 @@ def build_strategy(cfg: TrainerConfig, model: torch.nn.Module) -> Any:
     if cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=False, checkpoint_io=AtomicCheckpointIO())
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of a second fp32 copy
+        # (4 bytes per parameter less; the optimizer reads the same values)
+        return DDPStrategy(
+            find_unused_parameters=False, gradient_as_bucket_view=True, checkpoint_io=AtomicCheckpointIO()
+        )
     if cfg.strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
@@ -859,26 +865,161 @@ class SummedValidation:
 
 def backbone_hidden(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
     """The audio+text backbone (no head) on a collated batch: every stage's loss starts from these hidden
-    states and computes its head only where it has labels."""
-    return model.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        input_features=batch["input_features"],
-        input_features_mask=batch["input_features_mask"],
-        use_cache=False,
-    )
+    states and computes its head only where it has labels.
+
+    A packed batch (``data/packing.py``) gets per-clip positions and attention boundaries: with
+    flash-attention, no mask and the segment boundaries as varlen arguments (``cu_seq_lens``, the padding-free
+    kernel); otherwise the exact block-diagonal causal 4-D mask (bool for sdpa, additive for eager).
+    """
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"],
+        "input_features": batch["input_features"],
+        "input_features_mask": batch["input_features_mask"],
+        "use_cache": False,
+    }
+    if PACKED_KEY not in batch:
+        return model.model(attention_mask=batch["attention_mask"], **inputs)
+    attn = model.model.language_model.config._attn_implementation
+    inputs["position_ids"] = batch["position_ids"]
+    if attn is not None and attn.startswith("flash_attention"):
+        cu = batch["cu_seq_lens"].to(device=batch["input_ids"].device, dtype=torch.int32)
+        longest = int(batch["max_seq_len"])
+        varlen = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        return model.model(attention_mask=None, **inputs, **varlen)
+    mask = packed_causal_mask(batch["segment_ids"])  # (R, 1, P, P) bool
+    if attn == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    elif attn != "sdpa":
+        raise ValueError(f"packed batches need attention sdpa, eager or flash_attention_2, not {attn!r}")
+    return model.model(attention_mask=mask, **inputs)
 
 
-def throughput_metrics(t: Mapping[str, float], elapsed: float, trainer: L.Trainer) -> dict[str, float]:
-    """The metrics every stage logs per window from its :class:`StepNormaliser` totals (``real``/``seq``:
-    real and padded positions, ``audio``: audio seconds, ``skipped``: unreadable clips)."""
-    return {
+PEAK_TFLOPS_BF16 = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+"""Dense bf16 tensor-core peak (TFLOP/s, datasheet, no sparsity) by a substring of the CUDA device name; the
+first match wins (so "H100 PCIe" before "H100"). ``trainer.peak_tflops`` overrides it."""
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override when > 0, else the table entry of a CUDA device's
+    name, else None (CPU, or an unknown card: MFU is then not logged)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    return _peak_by_name(torch.cuda.get_device_name(device))
+
+
+@functools.cache
+def _peak_by_name(name: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS_BF16:
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    log.warning("no peak FLOP/s known for %r: set trainer.peak_tflops to log train/mfu", name)  # once per name
+    return None
+
+
+class ModelFlops:
+    """Model FLOPs of one training micro-batch (forward + backward), for MFU.
+
+    ``6 · N_decoder · real decoder tokens`` (decoder layers and final norm; the embedding lookup is free)
+    ``+ 6 · N_head · labelled positions`` (the head runs only where there are labels)
+    ``+ 6 · N_encoder · audio tokens`` (encoder layers, the conv front-end's output projection, the projector)
+    ``+ 3 · conv FLOPs per 1-s chunk · chunks`` (the three stride-2 convolutions run on every 100-frame chunk,
+    padded or not; weights shared across positions, so counted from their output sizes, not their parameters).
+
+    Attention score FLOPs (``12 · layers · width · context`` per token) are left out, as in the 6·N convention:
+    ASR rows are short (a few hundred tokens), where they add a few percent. Padding is not model work, so it is
+    not counted: padded batches show a lower MFU. Recomputation under gradient checkpointing is not counted
+    either (the convention of MFU, as opposed to hardware FLOPs utilisation).
+    """
+
+    def __init__(self, decoder: int, head: int, encoder: int, conv_per_chunk: float) -> None:
+        self.decoder = decoder
+        self.head = head
+        self.encoder = encoder
+        self.conv_per_chunk = conv_per_chunk
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> ModelFlops:
+        """Parameter counts by part and the conv front-end's forward FLOPs per chunk, from the model itself."""
+        lm = model.get_submodule("model.language_model")
+        embed = lm.get_input_embeddings()
+        decoder = sum(p.numel() for p in lm.parameters()) - sum(p.numel() for p in embed.parameters())
+        head_module = model.get_submodule("lm_head" if hasattr(model, "lm_head") else "score")
+        head = sum(p.numel() for p in head_module.parameters())
+        tower = model.get_submodule("model.audio_tower")
+        convs = [tower.conv2d1, tower.conv2d2, tower.conv2d3]
+        encoder = sum(p.numel() for p in tower.parameters()) - sum(p.numel() for c in convs for p in c.parameters())
+        encoder += sum(p.numel() for p in model.get_submodule("model.multi_modal_projector").parameters())
+        conv = 0.0
+        height, width = tower.config.num_mel_bins, 2 * tower.config.n_window  # one chunk: (mel bins, frames)
+        for c in convs:
+            height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1  # k=3, s=2, p=1
+            conv += 2.0 * c.in_channels * c.kernel_size[0] * c.kernel_size[1] * c.out_channels * height * width
+        return cls(decoder, head, encoder, conv)
+
+    def __call__(self, real_tokens: float, labelled: float, audio_tokens: float, audio_chunks: float) -> float:
+        """Forward + backward model FLOPs of a micro-batch with these counts."""
+        return (
+            6.0 * self.decoder * real_tokens
+            + 6.0 * self.head * labelled
+            + 6.0 * self.encoder * audio_tokens
+            + 3.0 * self.conv_per_chunk * audio_chunks
+        )
+
+    def of_batch(self, batch: Mapping[str, Any]) -> float:
+        """:meth:`__call__` with a collated batch's counts (plain ints from the collator: no device sync)."""
+        return self(
+            float(batch["num_real_tokens"]),
+            float(batch["num_target_tokens"]),
+            float(batch["num_audio_tokens"]),
+            float(batch["num_audio_chunks"]),
+        )
+
+
+def throughput_metrics(
+    t: Mapping[str, float], elapsed: float, trainer: L.Trainer, peak_tflops: float = 0.0
+) -> dict[str, float]:
+    """The metrics every stage logs per window from its :class:`StepNormaliser` totals (summed over ranks;
+    ``real``/``seq``: real and all decoder positions, ``audio``: audio seconds, ``skipped``: unreadable clips,
+    optional ``model_flops``: :class:`ModelFlops` of the window's micro-batches).
+
+    ``elapsed`` is the wall time of one whole optimizer step (:meth:`StepNormaliser.totals`): rates are
+    whole-step rates. ``train/mfu`` = model FLOP/s / (peak FLOP/s of one device × devices), logged when the
+    peak is known (a CUDA device in :data:`PEAK_TFLOPS_BF16`, or ``trainer.peak_tflops``).
+    """
+    real_fraction = t["real"] / max(t["seq"], 1.0)
+    metrics = {
         "train/tokens_per_s": t["real"] / elapsed,
         "train/audio_s_per_s": t["audio"] / elapsed,
-        "train/padding_fraction": 1.0 - t["real"] / max(t["seq"], 1.0),
+        "train/real_token_fraction": real_fraction,
+        "train/padding_fraction": 1.0 - real_fraction,
+        "train/step_seconds": elapsed,
         "train/skipped_audio": t["skipped"],
         "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
     }
+    if "model_flops" in t:
+        flops_per_s = t["model_flops"] / elapsed
+        metrics["train/model_tflops_per_s"] = flops_per_s / 1e12
+        peak = peak_flops(trainer.strategy.root_device, peak_tflops)
+        if peak:
+            metrics["train/mfu"] = flops_per_s / (peak * max(trainer.world_size, 1))
+    return metrics
 
 
 class StepNormaliser:

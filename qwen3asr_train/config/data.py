@@ -151,6 +151,11 @@ class DataConfig:
     """Lazy path: the first N rows estimate the duration bucket edges (and feed the tokenizer and plan)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-audio augmentation: noise, speed, volume, SpecAugment (all off by default)."""
+    packing: bool = False
+    """Pack several utterances per row (per-utterance positions and attention boundaries, no padding tokens;
+    exact: same loss and gradients as the padded batch). See docs/gpu_training.md."""
+    packing_max_tokens: int = 0
+    """Token budget of one packed row (0: the whole micro-batch in one row, 100% real tokens)."""
 
     def validate(self) -> None:
         self.train = _as_list(self.train, "data.train")

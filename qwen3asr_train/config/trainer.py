@@ -53,6 +53,9 @@ class TrainerConfig:
     """Ask torch for deterministic kernels."""
     enable_progress_bar: bool = True
     """Show the progress bar."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for ``train/mfu`` (0: the dense bf16 datasheet value looked up by the CUDA
+    device's name, ``training.PEAK_TFLOPS_BF16``; MFU is not logged on CPU or for an unknown card)."""
     fsdp_sharding: str = "FULL_SHARD"
     """FSDP sharding strategy: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or NO_SHARD."""
     deepspeed_offload: bool = False
@@ -77,6 +80,7 @@ class TrainerConfig:
         _require(self.gradient_clip_val >= 0, "trainer.gradient_clip_val", "must be >= 0")
         _require(self.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", "must be >= 1")
         _require(self.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", "must be >= 0")
+        _require(self.peak_tflops >= 0, "trainer.peak_tflops", "must be >= 0 (0: looked up by device name)")
         _require(
             self.fsdp_sharding in {"FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"},
             "trainer.fsdp_sharding",

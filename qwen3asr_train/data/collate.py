@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 
+MEL_CHUNK_FRAMES = 100
+"""Mel frames per encoder chunk (2 × ``n_window`` = 100 in every released Qwen3-ASR model): the convolutions
+run on whole chunks, the last one of a clip zero-padded."""
+
 
 @dataclass
 class SFTOptions(SFTAugmentation):
@@ -147,7 +151,11 @@ def model_inputs(
     input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, feats: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
     """The batch keys every collator gives the model and the loss normaliser (``num_target_tokens``: labelled
-    positions, what the window collator sums per optimizer step)."""
+    positions, what the window collator sums per optimizer step), and the counts the throughput metrics use
+    (plain ints computed here on the CPU, so logging them costs no device sync): ``num_real_tokens`` (decoder
+    tokens that are not padding), ``num_audio_tokens`` (encoder output tokens), ``num_audio_chunks`` (the
+    100-frame chunks the encoder's convolutions run on)."""
+    frames = feats["attention_mask"].sum(-1).tolist()
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -155,6 +163,9 @@ def model_inputs(
         "input_features": feats["input_features"],
         "input_features_mask": feats["attention_mask"].long(),
         "num_target_tokens": int((labels != IGNORE_INDEX).sum()),
+        "num_real_tokens": int(attention.sum()),
+        "num_audio_tokens": sum(audio_tokens_for_frames(int(f)) for f in frames),
+        "num_audio_chunks": sum(-(-int(f) // MEL_CHUNK_FRAMES) for f in frames),
     }
 
 

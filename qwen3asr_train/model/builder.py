@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from transformers import (
     Qwen3ASRConfig,
     Qwen3ASRForConditionalGeneration,
@@ -240,6 +242,62 @@ def zero_padded_audio_frames(model: AsrModel) -> None:
         tower._qwen3asr_train_zero_pad = True
 
 
+def _checkpointed_tower_forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+    """The audio encoder's own forward, run under non-reentrant activation checkpointing while training."""
+    forward = type(self).forward
+    if not (self.training and torch.is_grad_enabled()):
+        return forward(self, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_audio_tower(model: AsrModel) -> None:
+    """Checkpoint the whole audio encoder as one unit, its convolution front-end included.
+
+    Why: HF gradient checkpointing covers the encoder's transformer layers, not the three 480-channel
+    stride-2 convolutions before them, whose feature maps are ≈25 MB per audio-second at 0.6B widths — three
+    quarters of the activations left once the layers are checkpointed. Wrapping the encoder's forward keeps
+    only its input (the mel features, 51 KB per second) until backward, which recomputes the encoder once
+    (its layers stay checkpointed inside, so the recompute holds one layer at a time plus the conv maps,
+    transiently, when nothing else of the step is alive). The weights and the forward's result are unchanged
+    (tests/test_memory_features.py); the padded-frame zeroing pre-hook still runs first.
+    """
+    tower = model.get_submodule("model.audio_tower")
+    if not getattr(tower, "_qwen3asr_train_checkpointed", False):
+        tower.forward = types.MethodType(_checkpointed_tower_forward, tower)
+        tower._qwen3asr_train_checkpointed = True
+
+
+def compile_layers(model: AsrModel, backend: str = "inductor") -> int:
+    """``torch.compile`` each decoder and encoder layer in place (``Module.compile``: parameter names, state
+    dicts and exports are unchanged); returns the number compiled.
+
+    Why per layer: the layers are the repeated, shape-stable compute; the rest (the audio placeholder
+    scatter, variable numbers of clips) would force recompiles or graph breaks. Dynamic shapes are on because
+    every micro-batch has another length. Raises a RuntimeError naming the cause when torch cannot compile
+    here (an unsupported Python or platform, a missing backend).
+    """
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise RuntimeError(
+            "model.compile=true: torch.compile is not supported with this Python/torch build "
+            f"(torch {torch.__version__}); set model.compile=false"
+        )
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise RuntimeError(
+            f"model.compile_backend={backend!r} is not a torch.compile backend here "
+            f"(available: {sorted(torch._dynamo.list_backends(exclude_tags=()))})"
+        )
+    names = {"Qwen3ASRAudioEncoderLayer", "Qwen3DecoderLayer"}
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError("model.compile=true: no encoder or decoder layers found to compile")
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    log.info("torch.compile (%s): %d layers", backend, len(layers))
+    return len(layers)
+
+
 def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> tuple[AsrModel, Qwen3ASRProcessor]:
     """Build the model and processor described by ``cfg`` (``texts`` train the tiny BPE)."""
     attn = select_attention(cfg.attn_implementation)
@@ -269,6 +327,9 @@ def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> t
     zero_padded_audio_frames(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_audio_tower(model)
+    if cfg.compile:
+        compile_layers(model, cfg.compile_backend)
     set_trainable(model, cfg)
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)

@@ -33,6 +33,7 @@ from qwen3asr_train.data.datamodule import (
 )
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import SkipReport, read_manifests
+from qwen3asr_train.data.packing import maybe_packed, per_clip
 from qwen3asr_train.data.prompts import ASR_TEXT, IM_END
 from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.hook import build_asr_hook
@@ -56,25 +57,32 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         self.asr_text_id = asr_text_id
         self.im_end_id = im_end_id
         self.norm = training.StepNormaliser()
+        self.flops = training.ModelFlops.from_model(model)
+        self.peak_tflops = 0.0  # trainer.peak_tflops (set by prepare); 0: from the device name
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
         """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
         out = training.backbone_hidden(self.model, batch)
-        ce_sum, n_tokens = target_token_ce(out.last_hidden_state, batch["labels"], self.model.lm_head)
+        ce_sum, n_tokens = target_token_ce(
+            out.last_hidden_state, batch["labels"], self.model.lm_head, self.recipe.ce_chunk_tokens
+        )
         sums = {"ce_sum": ce_sum, "n_tokens": n_tokens}
         if self.recipe.ctc_weight > 0:
-            audio_lengths = (batch["input_ids"] == self.model.config.audio_token_id).sum(-1)  # (B,)
+            # per clip in feature order (a packed row holds several clips; the encoder emits them in this order)
+            clip_ids = per_clip(batch, batch["input_ids"])
+            audio_lengths = torch.stack([(ids == self.model.config.audio_token_id).sum() for ids in clip_ids])  # (B,)
             sums["ctc_sum"] = audio_ctc(
                 out.audio_hidden_states,
                 audio_lengths,
-                self._ctc_targets(batch["labels"]),
+                self._ctc_targets(per_clip(batch, batch["labels"])),
                 self.model.lm_head,
                 self.pad_id,
             )
         return sums
 
-    def _ctc_targets(self, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Transcript tokens of each row: the target after ``<asr_text>`` without the final ``<|im_end|>``."""
+    def _ctc_targets(self, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Transcript tokens of each clip (its labels, one tensor per clip): the target after ``<asr_text>``
+        without the final ``<|im_end|>``."""
         targets = []
         for row in labels:
             ids = row[row != -100]
@@ -96,8 +104,9 @@ class SFTModule(training.SummedValidation, L.LightningModule):
             tokens=sums["n_tokens"],
             audio=batch["audio_seconds"],
             seq=batch["attention_mask"].numel(),
-            real=batch["attention_mask"].sum(),
+            real=batch["num_real_tokens"],
             skipped=batch["skipped_audio"],
+            model_flops=self.flops.of_batch(batch),
         )
         if self.norm.window_done(batch, self.trainer):
             self._log_window()
@@ -108,7 +117,7 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         metrics = {
             "train/loss": t["ce"] / max(t["tokens"], 1.0),
             "train/target_tokens": t["tokens"],
-            **training.throughput_metrics(t, elapsed, self.trainer),
+            **training.throughput_metrics(t, elapsed, self.trainer, self.peak_tflops),
         }
         if self.recipe.ctc_weight > 0:
             metrics["train/ctc_loss"] = t["ctc"] / max(t["tokens"], 1.0)
@@ -139,6 +148,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(train, cfg.seed), augment=augment
     )
     plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
+    collator, plain = maybe_packed(collator, cfg.data), maybe_packed(plain, cfg.data)
     train_set = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
     train_set.rejects_path = run_dir / spine.REJECTS_FILE
     datamodule = ASRDataModule(
@@ -163,6 +173,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         tok.convert_tokens_to_ids(ASR_TEXT),
         tok.convert_tokens_to_ids(IM_END),
     )
+    module.peak_tflops = cfg.trainer.peak_tflops
     return module, datamodule, trainer, processor
 
 
