@@ -212,7 +212,7 @@ def concat_utterances(
         group, text, units, length = [sample], utt.text, [w.word for w in utt.words], sample.audio.size
     if group:
         out.append(_merge(group, text, gap))
-    log.info("concatenated %d utterances into %d items of <= %g s", len(samples), len(out), max_seconds)
+    log.debug("concatenated %d utterances into %d items of <= %g s", len(samples), len(out), max_seconds)
     return out
 
 
