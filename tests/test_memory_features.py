@@ -263,3 +263,23 @@ def test_peak_flops_table_matches_by_device_name(monkeypatch):
     assert training.peak_flops(torch.device("cuda", 0)) == 989e12
     assert training.peak_flops(torch.device("cuda", 0), override_tflops=500.0) == 500e12
     assert training.peak_flops(torch.device("cpu")) is None
+
+
+# ---------------------------------------------------------------------------------- data loader
+
+
+def test_worker_count_follows_the_cores_per_local_rank():
+    # 96 cores, 8 GPUs: 12 per rank -> capped at 8; 16 cores, 4 ranks -> 4 - 1 = 3; 2 cores, 1 rank -> 1
+    assert training.resolve_num_workers("auto", local_ranks=8, cores=96) == 8
+    assert training.resolve_num_workers("auto", local_ranks=4, cores=16) == 3
+    assert training.resolve_num_workers("auto", local_ranks=1, cores=2) == 1
+    assert training.resolve_num_workers("auto", local_ranks=2, cores=2) == 0  # no core to spare: main process
+    assert training.resolve_num_workers(3) == training.resolve_num_workers("3") == 3
+    assert training.resolve_num_workers("auto") == max(0, min(8, training.node_cores() - 1))
+    with pytest.raises(ValueError, match="data.num_workers"):
+        training.resolve_num_workers("many")
+    assert training.resolve_prefetch_factor("auto", 0) is None
+    assert training.resolve_prefetch_factor("auto", 1) == 8
+    assert training.resolve_prefetch_factor("auto", 3) == 3  # ceil(8 / 3)
+    assert training.resolve_prefetch_factor("auto", 8) == 2
+    assert training.resolve_prefetch_factor(5, 2) == 5

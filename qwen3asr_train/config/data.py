@@ -123,8 +123,9 @@ class DataConfig:
     """Upper bound on the total audio seconds in one micro-batch (duration bucketing)."""
     max_batch_size: int = 64
     """Upper bound on the number of utterances in one micro-batch."""
-    num_buckets: int = 8
-    """Duration buckets: utterances of similar length are batched together to cut padding."""
+    num_buckets: int = 32
+    """Duration buckets: utterances of similar length are batched together to cut padding (32: ≈96% of decoder
+    tokens real on a 1-30 s mix at 120 s per batch; 8 gave 87%; tests/test_packing.py measures it)."""
     max_duration: float = 1200.0
     """Longest accepted utterance in seconds (Qwen3-ASR's limit is 1200 s)."""
     min_duration: float = 0.05
