@@ -6,7 +6,10 @@ rank with the work sharded and gathered) and the *what to do with the numbers* (
 artifacts, keep the best checkpoint) are the same. Metrics are logged at the optimizer step they were
 measured after; the artifacts of each evaluation go to ``<run_dir>/eval/step-<N>/``, and after each one
 the run's pictures are redrawn (``eval/plots.py``: ``training_curves.png``, ``eval/error_rates_by_step.png``,
-and ``eval/summary.md`` linking them with every step's table and charts).
+and ``eval/summary.md`` linking them with every step's table and charts). With ``evaluation.biasing.enabled`` each
+evaluation also writes ``biasing_summary.{md,json}`` and ``biasing.png`` (recall / false alarms / WER on the other
+words per hot-word list size) and logs ``val/<set>/biasing/<size>/<rate>``; the no-speech hallucination rate of
+each set is logged as ``val/<set>/hallucination_rate`` whenever the set has no-speech rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import lightning as L
 import torch
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.config.recipes import BiasingConfig
 from qwen3asr_train.config.schema import DataConfig, EvalHookConfig
 from qwen3asr_train.data.audio import AudioError
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
@@ -72,16 +76,30 @@ def load_eval_sets(
     return out
 
 
+def pool_texts(paths: list[str], checks: RowChecks, policy: str) -> list[tuple[str, str | None]]:
+    """``(text, language)`` of the manifests that feed the biasing distractor pool (``biasing.pool_manifests``)."""
+    return [(u.text, u.language) for path in paths for u in read_manifest(path, checks, policy, SkipReport())]
+
+
 class ASREvaluator:
-    """Transcribes each set and scores it with the evaluation report code (WER/CER, LID, S/D/I)."""
+    """Transcribes each set and scores it with the evaluation report code (WER/CER, LID, S/D/I); with ``biasing``
+    enabled, also decodes each set once per hot-word list size (``eval/biasing.py``)."""
 
     def __init__(
-        self, processor: Qwen3ASRProcessor, sets: dict[str, list[Sample]], opts: DecodeOptions, samples_to_log: int = 3
+        self,
+        processor: Qwen3ASRProcessor,
+        sets: dict[str, list[Sample]],
+        opts: DecodeOptions,
+        samples_to_log: int = 3,
+        biasing: BiasingConfig | None = None,
+        biasing_pool: list[tuple[str, str | None]] | None = None,
     ) -> None:
         self.processor = processor
         self.sets = sets
         self.opts = opts
         self.samples_to_log = samples_to_log
+        self.biasing = biasing if biasing is not None and biasing.enabled else None
+        self.biasing_pool = biasing_pool or []
         self.samples: list[dict[str, str]] = []
         self.title: str | None = None
 
@@ -91,10 +109,21 @@ class ASREvaluator:
         results = {
             name: decode_distributed(model, self.processor, samples, self.opts) for name, samples in self.sets.items()
         }
+        biasing = None
+        if self.biasing is not None:
+            from qwen3asr_train.eval.biasing import evaluate_biasing
+
+            biasing = evaluate_biasing(model, self.processor, self.sets, self.opts, self.biasing, self.biasing_pool)
         if not write:
             return {}
         summary = write_reports(out_dir, results, title=self.title)
         metrics: dict[str, float] = {}
+        if biasing is not None:
+            from qwen3asr_train.eval import biasing as biasing_report
+
+            (summary_b, rows) = biasing
+            biasing_report.write_biasing_report(out_dir, summary_b["sets"], summary_b["settings"], rows, self.title)
+            metrics.update(biasing_report.log_metrics(summary_b["sets"]))
         self.samples = []
         for name, rows in results.items():
             metrics.update(log_metrics(summary, name))
@@ -219,6 +248,8 @@ def build_asr_hook(
         return None
     from qwen3asr_train.data.datamodule import row_checks
 
-    sets = load_eval_sets(cfg.sets, row_checks(data), data.on_bad_row, cfg.max_utterances)
-    evaluator = ASREvaluator(processor, sets, cfg.decode, cfg.samples_to_log)
+    checks = row_checks(data)
+    sets = load_eval_sets(cfg.sets, checks, data.on_bad_row, cfg.max_utterances)
+    pool = pool_texts(cfg.biasing.pool_manifests, checks, data.on_bad_row) if cfg.biasing.enabled else []
+    evaluator = ASREvaluator(processor, sets, cfg.decode, cfg.samples_to_log, cfg.biasing, pool)
     return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)

@@ -351,6 +351,61 @@ def write_run_plots(run_dir: str | Path) -> dict[str, Path]:
     return {k: v for k, v in written.items() if v is not None}
 
 
+# ------------------------------------------------------------------------------------------- biasing
+
+BIASING_PANELS = (
+    ("recall", "keyword recall (%)"),
+    ("false_alarm_utterance_rate", "false alarms (% of utterances)"),
+    ("false_alarm_rate", "false alarms (% of distractors)"),
+    ("u_wer", "WER on other words (%)"),
+    ("hallucination_rate", "no-speech hallucination (%)"),
+)
+"""The panels of the biasing chart: ``eval/biasing.py`` rate key and axis label (all on a fixed 0-100 % axis)."""
+
+
+def biasing_figure(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str) -> Any:
+    """The figure :func:`plot_biasing` saves: one panel per rate, x = hot-word list size (symlog, so 0 and 1,000
+    share an axis), one line per set; undefined points (no distractors at size 0) are left out."""
+    fig = _figure(3.6 * len(BIASING_PANELS), 3.6)
+    axes = fig.subplots(1, len(BIASING_PANELS))
+    colors = _series_colors(list(summary))
+    sizes = sorted({int(n) for per_size in summary.values() for n in per_size})
+    for ax, (key, label) in zip(axes, BIASING_PANELS, strict=True):
+        for name, per_size in summary.items():
+            points = sorted((int(n), 100 * e[key]) for n, e in per_size.items() if e.get(key) is not None)
+            if points:
+                xs, ys = [x for x, _ in points], [min(y, ERROR_RATE_AXIS_MAX) for _, y in points]
+                ax.plot(xs, ys, marker="o", label=name, color=colors[name])
+                for x, (_, y) in zip(xs, points, strict=True):
+                    if y > ERROR_RATE_AXIS_MAX:  # drawn at the top edge, true value written (as error-rate bars)
+                        ax.annotate(f"{y:.0f}", (x, ERROR_RATE_AXIS_MAX), fontsize=7, ha="center", va="bottom")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_ylim(0, ERROR_RATE_AXIS_MAX * 1.05)
+        ax.set_xlabel("hot-word list size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    legend: dict[str, Any] = {}
+    for ax in axes:  # a set may appear in some panels only (a no-speech set: hallucination only)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="upper right", fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.4)
+    return fig
+
+
+def plot_biasing(path: str | Path, summary: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str) -> Path:
+    """Recall, false alarms and WER on the other words against the list size (``biasing.png``).
+
+    Args:
+        path: PNG to write.
+        summary: ``{set: {size: entry}}`` as ``eval.biasing.summarize`` returns it.
+        title: Says what was evaluated (model and step).
+    """
+    return _save(biasing_figure(summary, title), Path(path))
+
+
 # ------------------------------------------------------------------------------------------- alignments
 
 

@@ -5,6 +5,8 @@ directory (its ``last.ckpt``). Per set: ``recogs-<set>.txt``, ``errs-<set>.txt``
 ``results-<set>.jsonl``; over all sets: ``summary.md``, ``summary.json`` and ``error_rates.png``; the
 summary table is logged at the end. With ``recipe.streaming.enabled`` the sets are also decoded as upstream
 streams (``eval/streaming.py``): the same files under ``streaming/`` and ``streaming_summary.{md,json}``.
+With ``recipe.biasing.enabled`` every set is also decoded once per hot-word list size (``eval/biasing.py``):
+``biasing_summary.{md,json}``, ``biasing.png`` and ``biasing-<set>.jsonl``.
 Launched with ``torchrun --nproc_per_node=N``, the decoding is sharded by batch over the processes and
 gathered (same results as one process).
 """
@@ -91,6 +93,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         return metrics
     opts = recipe.decode
     results = {name: decode_distributed(model, processor, samples, opts) for name, samples in sets.items()}
+    biasing = None
+    if recipe.biasing.enabled:
+        from qwen3asr_train.eval.biasing import evaluate_biasing
+        from qwen3asr_train.eval.hook import pool_texts
+
+        pool = pool_texts(recipe.biasing.pool_manifests, row_checks(cfg.data), cfg.data.on_bad_row)
+        biasing = evaluate_biasing(model, processor, sets, opts, recipe.biasing, pool)
     streamed = None
     if recipe.streaming.enabled:
         from qwen3asr_train.eval.streaming import decode_streaming_distributed
@@ -108,6 +117,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             from qwen3asr_train.eval.streaming import write_streaming_reports
 
             write_streaming_reports(out_dir, summary, streamed, recipe.streaming, model_title(recipe.model_path))
+        if biasing is not None:
+            from qwen3asr_train.eval.biasing import write_biasing_report
+
+            write_biasing_report(
+                out_dir, biasing[0]["sets"], biasing[0]["settings"], biasing[1], model_title(recipe.model_path)
+            )
         _write_skips(out_dir, rejects, sets)
         (out_dir / "eval_config.json").write_text(
             json.dumps({"model_path": str(recipe.model_path), "sets": dict(recipe.sets)}, indent=2) + "\n"
