@@ -149,6 +149,11 @@ class EspeakUnavailableError(RuntimeError):
     """``libespeak-ng.so.1`` could not be loaded or initialised."""
 
 
+class CorpusConfigError(ValueError):
+    """Corpus options that contradict each other (held-out settings that training would use, or that leave a
+    split nothing to draw from); raised before any audio is written."""
+
+
 class _EspeakEvent(ctypes.Structure):
     class _Id(ctypes.Union):
         _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
@@ -380,26 +385,28 @@ class CorpusConfig:
         """Refuse held-out settings that would leak into training or leave a split nothing to draw from."""
         low, high = self.rate_wpm
         if not 0 < low < high:
-            raise ValueError(f"rate_wpm must be [low, high) with 0 < low < high, got {self.rate_wpm}")
+            raise CorpusConfigError(f"rate_wpm must be [low, high) with 0 < low < high, got {self.rate_wpm}")
         for r_low, r_high in self.unseen_rate_wpm:
             if not 0 < r_low < r_high:
-                raise ValueError(f"unseen rate range [{r_low}, {r_high}) must have 0 < low < high")
+                raise CorpusConfigError(f"unseen rate range [{r_low}, {r_high}) must have 0 < low < high")
             if r_low < high and low < r_high:
-                raise ValueError(f"unseen rate range [{r_low}, {r_high}) overlaps the training rates [{low}, {high})")
+                raise CorpusConfigError(
+                    f"unseen rate range [{r_low}, {r_high}) overlaps the training rates [{low}, {high})"
+                )
         for entry in self.unseen_voices:
             known = entry in VARIANTS or any(entry in VOICES[lang] for lang in self.languages)
             if not known or entry == "":
-                raise ValueError(
+                raise CorpusConfigError(
                     f"unseen voice {entry!r} is neither a variant ({', '.join(VARIANTS[1:])}) nor a voice of "
                     f"{list(self.languages)} ({ {lang: VOICES[lang] for lang in self.languages} })"
                 )
         if self.num_unseen and not (self.unseen_voices or self.unseen_rate_wpm):
-            raise ValueError("num_unseen > 0 needs unseen_voices and/or unseen_rate_wpm (else it is just test)")
+            raise CorpusConfigError("num_unseen > 0 needs unseen_voices and/or unseen_rate_wpm (else it is just test)")
         for lang in self.languages:
             if not _voice_combinations(lang, self, unseen=False):
-                raise ValueError(f"unseen_voices {self.unseen_voices} leave no {lang} voice for train/test")
+                raise CorpusConfigError(f"unseen_voices {self.unseen_voices} leave no {lang} voice for train/test")
             if self.num_unseen and self.unseen_voices and not _voice_combinations(lang, self, unseen=True):
-                raise ValueError(f"unseen_voices {self.unseen_voices} name no {lang} voice for test_unseen")
+                raise CorpusConfigError(f"unseen_voices {self.unseen_voices} name no {lang} voice for test_unseen")
 
 
 _EXTENDED_DEFAULTS: dict[str, Any] = {
@@ -633,8 +640,8 @@ def make_corpus(
     Generalisation options (see the module docstring): ``rate_wpm`` is the ``[low, high)`` rate range of
     train/test; ``unseen_voices`` (voice ids or ``+variant`` names) and ``unseen_rate_wpm`` (ranges outside
     ``rate_wpm``) are kept out of train/test and make up ``test_unseen.jsonl`` (``num_unseen`` clips);
-    ``cased`` writes sentence case and punctuation. Invalid combinations raise ``ValueError`` before any audio
-    is written.
+    ``cased`` writes sentence case and punctuation. Invalid combinations raise :class:`CorpusConfigError` (a
+    ``ValueError``) before any audio is written.
     """
     out = Path(out_dir).resolve()
     snr = None if noise_snr_db is None else tuple(map(float, np.broadcast_to(noise_snr_db, 2)))
