@@ -234,6 +234,21 @@ def test_token_limit_and_max_rows_apply_in_the_stream(tmp_path: Path) -> None:
     assert rows.report.counts["text_too_long"] == sum(1 for i in range(int(expected[-1][1:])) if str(i).endswith("7"))
 
 
+def test_several_manifests_are_read_as_shards_in_a_per_epoch_order(tmp_path: Path) -> None:
+    shards = [write_rows(tmp_path / f"s{k}.jsonl", 40, seed=k) for k in range(4)]
+    for k, shard in enumerate(shards):  # distinct ids per shard
+        shard.write_text(shard.read_text().replace('"id": "u', f'"id": "s{k}-u'))
+    rows = rows_of(shards, shuffle_files=True, seed=1)
+    orders = {tuple(rows.file_order(e)) for e in range(6)}
+    assert len(orders) > 1 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    for epoch in (0, 1):
+        streamed = [u.id for _, u in rows.iterate(epoch)]
+        expected = [f"s{k}-u{i}" for k in rows.file_order(epoch) for i in range(40)]
+        assert streamed == expected
+    capped = rows_of(shards, shuffle_files=True, seed=1, max_rows=50)
+    assert [u.id for _, u in capped.iterate(3)] == [f"s0-u{i}" for i in range(40)] + [f"s1-u{i}" for i in range(10)]
+
+
 # ------------------------------------------------------------------------------------------ Lhotse input
 def test_lhotse_cut_manifest_streams_the_same_utterances(tmp_path: Path) -> None:
     pytest.importorskip("lhotse")

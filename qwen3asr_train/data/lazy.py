@@ -109,9 +109,10 @@ class LazyRows:
         self._head: tuple[int, list[Utterance]] | None = None
 
     def file_order(self, epoch: int) -> list[int]:
-        """Indices into ``paths`` in the order epoch ``epoch`` reads them."""
+        """Indices into ``paths`` in the order epoch ``epoch`` reads them (configuration order under
+        ``max_rows``, so "the first N rows" are the same rows every epoch)."""
         order = list(range(len(self.paths)))
-        if self.shuffle_files and len(order) > 1:
+        if self.shuffle_files and len(order) > 1 and self.max_rows <= 0:
             random.Random(f"lazy-files/{self.seed}/{epoch}").shuffle(order)
         return order
 
