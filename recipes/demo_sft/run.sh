@@ -1,36 +1,48 @@
 #!/usr/bin/env bash
-# Offline SFT demo on synthetic speech (no downloads): corpus -> held-out WER of the untrained model ->
-# SFT of a small model built in-process -> held-out WER after training -> export in both layouts.
+# Offline SFT demo on synthetic speech (no downloads): corpus -> held-out WER/CER of the untrained model ->
+# SFT of a small model built in-process -> held-out WER/CER after training -> export in both layouts.
+# Two held-out sets: `heldout` (the training voices and speaking rates, other sentences) and `unseen` (voice
+# variants and speaking rates that training never used).
 #
 # Usage: recipes/demo_sft/run.sh [--stage N] [--stop-stage M] [--steps S]
-# All outputs go under exp/demo_sft/ (delete it to start over). Stages skip themselves once done.
+# All outputs go under exp/demo_sft/ (DEMO_EXP=<dir> for another folder; delete it to start over). Stages
+# skip themselves once done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${DEMO_STEPS:-1200}; exp=exp/demo_sft
+steps=${DEMO_STEPS:-2000}; exp=exp/demo_sft
+if [ -n "${DEMO_EXP:-}" ]; then exp=$DEMO_EXP; fi
 . recipes/common.sh "$@"
+# glibc returns freed memory at once instead of growing and trimming heaps (system time 60-200 s -> 5-9 s
+# per run in docs/results.md, 2026-11-26)
+export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
-  log "Stage 0: synthetic English speech (espeak-ng): 2000 train / 100 held-out clips of 1-4 words from a 24-word vocabulary"
-  $PY data_tools/make_synthetic_corpus.py $exp/corpus --languages en --num-train 2000 --num-test 100 \
-    --vocabulary-size 24 --min-words 1 --max-words 4 --seed 0 --workers 2
+  log "Stage 0: synthetic English speech (espeak-ng), cased and punctuated, 24-word vocabulary, 1-4 words per clip:"
+  log "         2000 train + 100 held-out clips (same voices/rates) + 100 clips of unseen voices (+m3, +f3) and rates"
+  $PY recipes/demo_sft/make_corpus.py $exp/corpus --workers 2
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && [ ! -f $exp/sft/.done ]; then
   log "Stage 1: SFT of a ~0.6M-parameter Qwen3-ASR (model=small, random init) for $steps steps"
   rm -rf $exp/sft
-  $PY -m qwen3asr_train experiment=demo_sft trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 2))
+  $PY -m qwen3asr_train experiment=demo_sft trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 2)) \
+    data.train=$exp/corpus/train.jsonl evaluation.sets.heldout=$exp/corpus/test.jsonl \
+    +evaluation.sets.unseen=$exp/corpus/test_unseen.jsonl hydra.run.dir=$exp/sft
   touch $exp/sft/.done
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
-  log "Stage 2: decode the held-out set with the untrained and the trained model"
-  $PY -m qwen3asr_train experiment=demo_sft_eval recipe.model_path=$exp/sft/model_init hydra.run.dir=$exp/eval_before
-  $PY -m qwen3asr_train experiment=demo_sft_eval
+  log "Stage 2: decode both held-out sets with the untrained and the trained model"
+  $PY -m qwen3asr_train experiment=demo_sft_eval recipe.model_path=$exp/sft/model_init \
+    recipe.sets.heldout=$exp/corpus/test.jsonl +recipe.sets.unseen=$exp/corpus/test_unseen.jsonl hydra.run.dir=$exp/eval_before
+  $PY -m qwen3asr_train experiment=demo_sft_eval recipe.model_path=$exp/sft/export \
+    recipe.sets.heldout=$exp/corpus/test.jsonl +recipe.sets.unseen=$exp/corpus/test_unseen.jsonl hydra.run.dir=$exp/eval_after
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   log "Stage 3: export the trained checkpoint in both layouts (transformers-native and original thinker)"
-  $PY -m qwen3asr_train experiment=demo_sft_export
+  $PY -m qwen3asr_train experiment=demo_sft_export recipe.checkpoint=$exp/sft recipe.output_dir=$exp/export \
+    hydra.run.dir=$exp/export_log
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
