@@ -159,7 +159,7 @@ def test_prefill_once_per_prompt_and_no_encoder_in_reused_pass(ending_model):
         p = rollouts.prompts.input_ids.shape[1]
         assert encoder_rows == [3]
         assert decoder_calls[0] == (3, p), "prefill: 3 prompts once, not 12 copies"
-        assert all(shape == (12, 1) for shape in decoder_calls[1:]), "then one token per row and step"
+        assert all(rows <= 12 and length == 1 for rows, length in decoder_calls[1:]), "then one token per prefix"
         encoder_rows.clear()
         decoder_calls.clear()
         with torch.no_grad():
@@ -185,3 +185,35 @@ def test_prompt_state_is_not_modified_by_use(ending_model):
         b = completion_logprobs(model, rollouts, 1.0, prompt_state=state)
     assert torch.equal(a, b)
     assert all(torch.equal(k, k0) for k, k0 in zip(state.keys, before, strict=True))
+
+
+def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor):
+    """A peaked model: all G samples of a prompt draw the same tokens, so the decoder runs on B rows, not B*G, and
+    the draws still equal generate's; a flat model splits at once into B*G rows."""
+    model, processor = tiny_model_and_processor
+    model = copy.deepcopy(model)
+    favourite = processor.tokenizer.convert_tokens_to_ids("<asr_text>")
+
+    def peak(module, args, output):
+        output = output.clone()
+        output[..., favourite] += 40.0
+        return output
+
+    handle = model.lm_head.register_forward_hook(peak)
+    calls: list[int] = []
+    counter = model.model.language_model.register_forward_hook(
+        lambda m, a, kw, out: calls.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    try:
+        shared = _rollouts(model, processor, True)
+        assert calls[0] == 3 and set(calls[1:]) == {3}, calls
+        assert torch.all(shared.completion_ids == favourite)
+        assert torch.equal(shared.completion_ids, _rollouts(model, processor, False).completion_ids)
+    finally:
+        handle.remove()
+    calls.clear()
+    try:
+        _rollouts(model, processor, True)
+        assert calls[0] == 3 and set(calls[1:]) == {12}, calls  # random model: 12 distinct prefixes after one step
+    finally:
+        counter.remove()

@@ -341,35 +341,53 @@ def sample_from_prompts(
     Each step: logits of the last token (float32) → temperature/top-k/top-p → softmax → one
     ``torch.multinomial`` draw per row; finished rows get ``pad_id``; stop when every row has ended or
     after ``prompts.max_new_tokens``. That is ``generate``'s sampling step for step (same RNG draws, same
-    shapes), here over a prompt cache prefilled once and repeated G times.
+    shapes).
+
+    The decoder runs once per distinct *prefix* (prompt + tokens so far), not once per row: the G samples of
+    a prompt share one cache row until their tokens differ (ASR samples often agree on ``language X<asr_text>``
+    and on most words), and a cache row is copied only when its samples split. The rows' logits are gathered
+    from their prefix's, so the draws are those of the B·G-row loop.
     """
     g = opts.group_size
     state = prefill(model, prompt_embeddings(model, prompts), prompts.attention_mask)
-    cache = state.expanded_cache(g, model.config)
-    mask = state.mask.repeat_interleave(g, 0)  # (B*G, P)
-    hidden = state.last_hidden.repeat_interleave(g, 0)  # (B*G, H)
+    rows = state.mask.shape[0] * g
+    device = state.mask.device
+    cache = state.expanded_cache(1, model.config)  # one cache row per distinct prefix: U rows
+    mask = state.mask  # (U, P+t)
+    hidden = state.last_hidden  # (U, H)
+    node = torch.arange(state.mask.shape[0], device=device).repeat_interleave(g)  # (B*G,): row -> its prefix
     warpers = logits_warpers(opts)
-    ends = torch.tensor(list(end_ids), device=mask.device)
-    unfinished = torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)  # (B*G,)
+    ends = torch.tensor(list(end_ids), device=device)
+    unfinished = torch.ones(rows, dtype=torch.long, device=device)  # (B*G,)
     generated: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
+    vocab = 0
     for step in range(prompts.max_new_tokens):
         if step > 0:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B*G, P+t)
+            # the new prefixes: distinct (old prefix, token) pairs
+            keys, node = torch.unique(node * vocab + generated[-1], return_inverse=True)  # (U',), (B*G,)
+            parent, token = keys // vocab, keys % vocab  # (U',)
+            if parent.numel() != mask.shape[0] or not torch.equal(parent, torch.arange(parent.numel(), device=device)):
+                cache.batch_select_indices(parent)
+                mask = mask[parent]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (U', P+t)
             hidden = model.model.language_model(
-                inputs_embeds=model.get_input_embeddings()(generated[-1][:, None]).to(hidden.dtype),
+                inputs_embeds=model.get_input_embeddings()(token[:, None]).to(hidden.dtype),
                 attention_mask=mask,
                 position_ids=position_ids(mask)[:, -1:],
                 past_key_values=cache,
                 use_cache=True,
-            ).last_hidden_state[:, -1]  # (B*G, H)
-        logits = model.lm_head(hidden).float()  # (B*G, V)
-        seen = torch.stack(generated, 1) if generated else mask.new_zeros(mask.shape[0], 0)
-        probs = torch.softmax(warpers(seen, logits), dim=-1)
+            ).last_hidden_state[:, -1]  # (U', H)
+        logits = model.lm_head(hidden).float()  # (U, V)
+        vocab = logits.shape[-1]
+        row_logits = logits[node]  # (B*G, V)
+        seen = torch.stack(generated, 1) if generated else node.new_zeros(rows, 0)
+        probs = torch.softmax(warpers(seen, row_logits), dim=-1)
         token = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B*G,)
         token = token * unfinished + pad_id * (1 - unfinished)
         generated.append(token)
-        logprobs.append(torch.log_softmax(logits / opts.temperature, -1).gather(-1, token[:, None]).squeeze(-1))
+        logp = torch.log_softmax(logits / opts.temperature, -1)[node]  # (B*G, V)
+        logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
         unfinished = unfinished & ~torch.isin(token, ends)
         if not bool(unfinished.any()):
             break
