@@ -830,9 +830,12 @@ def build_optimizer(module: L.LightningModule, cfg: OptimConfig, total_steps: in
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def all_reduce_sums(module: L.LightningModule, sums: dict[str, float]) -> dict[str, float]:
-    """Sum a dict of floats over ranks (one all-reduce); unchanged in a single process."""
-    values = torch.tensor(list(sums.values()), device=module.device, dtype=torch.float64)
+def all_reduce_sums(module: L.LightningModule, sums: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+    """Sum a dict of floats (or 0-d tensors, read here with one device sync) over ranks (one all-reduce);
+    unchanged in a single process."""
+    values = torch.stack(
+        [torch.as_tensor(v).detach().to(device=module.device, dtype=torch.float64).reshape(()) for v in sums.values()]
+    )
     if torch.distributed.is_available() and torch.distributed.is_initialized() and module.trainer.world_size > 1:
         torch.distributed.all_reduce(values)
     return dict(zip(sums, values.tolist(), strict=True))
@@ -1081,7 +1084,7 @@ class StepNormaliser:
         self.clock = clock
         self._key: tuple[int, int] | None = None
         self._global = 1
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float | torch.Tensor] = {}
         self.started = 0.0
         self._last_end: float | None = None
 
@@ -1100,10 +1103,12 @@ class StepNormaliser:
             self._global = int(all_reduce_sums(module, {"n": float(batch["window_target_tokens"])})["n"])
         return module.trainer.accumulate_grad_batches * module.trainer.world_size / max(self._global, 1)
 
-    def add(self, **values: float) -> None:
-        """Accumulate statistics of this micro-batch (plain floats)."""
+    def add(self, **values: float | torch.Tensor) -> None:
+        """Accumulate statistics of this micro-batch: plain numbers, or tensors kept on their device and read
+        once per window in :meth:`totals` (no device-to-host sync per micro-batch)."""
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def window_done(self, batch: dict, trainer: L.Trainer) -> bool:
         """True at the last micro-batch of a window (or of the epoch)."""
