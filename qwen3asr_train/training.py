@@ -929,6 +929,18 @@ def resolve_num_workers(setting: int | str, local_ranks: int = 1, cores: int | N
     return max(0, min(8, cores // max(local_ranks, 1) - 1))
 
 
+def local_ranks(cfg: TrainerConfig) -> int:
+    """Training processes per node for a trainer config, before the Trainer exists: ``trainer.devices`` when it
+    is a count, else the CUDA devices (``auto`` on a GPU machine), else 1."""
+    if isinstance(cfg.devices, int) or (isinstance(cfg.devices, str) and cfg.devices.isdigit()):
+        return max(int(cfg.devices), 1)
+    if isinstance(cfg.devices, list | tuple):
+        return max(len(cfg.devices), 1)
+    if cfg.accelerator != "cpu" and torch.cuda.is_available():
+        return max(torch.cuda.device_count(), 1)
+    return 1
+
+
 def resolve_prefetch_factor(setting: int | str, workers: int) -> int | None:
     """``prefetch_factor`` of the DataLoader: None without workers (torch refuses one); an int as given;
     ``auto`` = ``max(2, ceil(8 / workers))``, so about 8 windows are prepared ahead whatever the worker count

@@ -283,3 +283,6 @@ def test_worker_count_follows_the_cores_per_local_rank():
     assert training.resolve_prefetch_factor("auto", 3) == 3  # ceil(8 / 3)
     assert training.resolve_prefetch_factor("auto", 8) == 2
     assert training.resolve_prefetch_factor(5, 2) == 5
+    assert training.local_ranks(TrainerConfig(devices=4)) == 4
+    assert training.local_ranks(TrainerConfig(devices=[0, 1])) == 2
+    assert training.local_ranks(TrainerConfig(accelerator="cpu", devices="auto")) == 1
