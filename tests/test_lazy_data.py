@@ -173,7 +173,7 @@ def test_resume_from_state_dict_replays_exactly(manifest: Path, world: int, wind
             if consumed >= k:
                 break
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        assert state == {"epoch": 1, "micro": k}
+        assert state == {"epoch": 1, "micro": k, "stream": "lazy"}
         resumed = sampler_of(rows_of(manifest, check_audio=False), window=window, rank=rank, world_size=world)
         resumed.load_state_dict(state)
         resumed.set_epoch(1)
@@ -311,7 +311,11 @@ def test_datamodule_lazy_loader_has_windows_and_no_length(manifest: Path) -> Non
     for a, b in zip(batches[::2], batches[1::2], strict=False):  # window-level token normalisation
         assert a["window_target_tokens"] == b["window_target_tokens"] == a["num_target_tokens"] + b["num_target_tokens"]
     assert [b["position"][1] for b in batches] == list(range(len(batches)))
-    assert loader.state_dict() == {"epoch": 0, "micro": 0}  # DataPositionTracker moves it, not prefetching
+    assert loader.state_dict() == {
+        "epoch": 0,
+        "micro": 0,
+        "stream": "lazy",
+    }  # DataPositionTracker moves it, not prefetching
 
 
 def test_eager_only_stages_refuse_lazy_data(manifest: Path) -> None:
@@ -322,6 +326,47 @@ def test_eager_only_stages_refuse_lazy_data(manifest: Path) -> None:
     cfg.validate()
     with pytest.raises(ValueError, match="SFT-only"):
         load_train_utterances(cfg)
+
+
+def _needs_stage_support() -> None:
+    import inspect
+
+    from qwen3asr_train.stages import sft
+
+    if "load_train_data" not in inspect.getsource(sft.prepare):
+        pytest.skip("stages/sft.py does not call load_train_data yet (docs/data.md, 'Large corpora')")
+
+
+def test_sft_lazy_preempt_and_resume_is_exact(manifest_dir: Path, tmp_path: Path) -> None:
+    """A lazy SFT run stopped by SIGTERM mid-epoch and resumed ends with the uninterrupted run's weights and losses."""
+    import signal
+
+    from qwen3asr_train.stages import sft
+    from qwen3asr_train.training import Preempted, fit
+    from tests.conftest import make_config, tiny_sft_overrides
+    from tests.test_fault_handling import SignalAt, _losses, _weights, assert_same_weights
+
+    _needs_stage_support()
+    common = (
+        "data=lazy",
+        "trainer.max_steps=6",
+        "trainer.accumulate_grad_batches=2",
+        "data.max_batch_seconds=4",
+        "recipe.export_on_end=false",
+        "recipe.context_prob=0.5",
+    )
+    full = tmp_path / "full"
+    sft.run(make_config(tiny_sft_overrides(manifest_dir, full, *common)))
+    part = tmp_path / "part"
+    cfg = make_config(tiny_sft_overrides(manifest_dir, part, *common, "trainer.checkpoint_every_n_steps=100"))
+    module, datamodule, trainer, _ = sft.prepare(cfg, [SignalAt(3, signal.SIGTERM)])
+    with pytest.raises(Preempted):
+        fit(trainer, module, datamodule=datamodule)
+    state = datamodule.trainer.train_dataloader.state_dict()
+    assert state["micro"] > 0, "the checkpoint must be mid-epoch for this test to mean something"
+    sft.run(make_config(tiny_sft_overrides(manifest_dir, part, *common, "recipe.resume_from=auto")))
+    assert_same_weights(_weights(full / "checkpoints" / "last.ckpt"), _weights(part / "checkpoints" / "last.ckpt"))
+    assert _losses(part) == _losses(full)
 
 
 # ------------------------------------------------------------------------------------------ scale (slow)
@@ -400,12 +445,7 @@ def _sft_start(manifest: Path, run_dir: Path) -> tuple[float, float, float]:
 @pytest.mark.slow
 def test_sft_starts_on_a_million_rows(tmp_path: Path) -> None:
     """A real ``recipe=sft model=tiny`` run (2 steps) on 1M rows starts as fast as on 10k rows."""
-    import inspect
-
-    from qwen3asr_train.stages import sft
-
-    if "load_train_data" not in inspect.getsource(sft.prepare):
-        pytest.skip("stages/sft.py does not call load_train_data yet (docs/data.md, 'Large corpora')")
+    _needs_stage_support()
     small = write_rows(tmp_path / "small.jsonl", 10_000)
     big = write_rows(tmp_path / "big.jsonl", 1_000_000)
     _sft_start(small, tmp_path / "warm")  # imports, tokenizer training code paths, page cache

@@ -201,6 +201,32 @@ class DataPositionTracker(L.Callback):
             epoch, micro = batch["position"]
             loader.sampler.mark_consumed(epoch, micro)
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Lazy stream checkpoints: the resumed epoch continues from the saved position, even after its last batch.
+
+        Why: Lightning prefetches one batch, so with a loader of unknown length it learns that a batch was the
+        epoch's last before training on it and stores ``is_last_batch=True``. Resumed from a checkpoint taken
+        right after that batch, Lightning (2.x) counts the epoch as finished *and* keeps the flag, so it also
+        ends the next epoch before its first batch: a whole epoch is skipped (caught by
+        ``tests/test_lazy_data.py``). Clearing the flag makes Lightning re-enter the saved epoch; the lazy
+        sampler has nothing left of it past the saved position, so the epoch ends there, as in the
+        uninterrupted run. Without the flag Lightning also takes a last *partial* window for an unfinished
+        accumulation and would not count its optimizer step in the logging step (``_batches_that_stepped``),
+        so that count gets the step Lightning would have added (checkpoint saved at a training batch's end:
+        ``completed == processed - 1``). Loaders of known length (the eager path) are left alone.
+        """
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        loaders = fit.get("state_dict", {}).get("combined_loader") or []
+        progress = fit.get("epoch_loop.batch_progress")
+        lazy = any(isinstance(s, dict) and s.get("stream") == "lazy" for s in loaders)
+        if not lazy or progress is None or not progress.get("is_last_batch"):
+            return
+        progress["is_last_batch"] = False
+        saved_on_batch_end = progress["total"]["completed"] == progress["total"]["processed"] - 1
+        if saved_on_batch_end and progress["current"]["ready"] % trainer.accumulate_grad_batches:
+            loop_state = fit.get("epoch_loop.state_dict", {})
+            loop_state["_batches_that_stepped"] = loop_state.get("_batches_that_stepped", 0) + 1
+
 
 def distractor_pool(train: Sequence[Utterance], seed: int, limit: int = 20000) -> list[str]:
     """Hot-word distractors for context biasing: candidate words of the training transcripts."""

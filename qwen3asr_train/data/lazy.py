@@ -430,10 +430,11 @@ class LazyWindowSampler:
         self._consumed = {"epoch": epoch, "micro": micro_index + 1}
 
     def state_dict(self) -> dict[str, Any]:
-        """Position within the epoch, for mid-epoch resume (the same keys as the eager sampler)."""
-        return dict(self._consumed)
+        """Position within the epoch, for mid-epoch resume (the eager sampler's keys, and ``stream: lazy``, which
+        :meth:`~qwen3asr_train.data.datamodule.DataPositionTracker.on_load_checkpoint` looks for)."""
+        return {**self._consumed, "stream": "lazy"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next iteration of ``state['epoch']`` start after the consumed micro-batches."""
-        self._consumed = dict(state)
+        self._consumed = {"epoch": int(state["epoch"]), "micro": int(state["micro"])}
         self._resume_from = (int(state["epoch"]), int(state["micro"]))
