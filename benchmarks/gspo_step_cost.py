@@ -10,9 +10,11 @@ Each configuration trains the real ``recipe=gspo`` stage (``stages/gspo.py`` und
 ``--warmup`` rollout batches, then ``--batches`` measured ones, and reads the stage's own phase timer
 (``rl/timing.py``): generation (prompts + encoder + sampling), rewards (+ advantages), old log-probs,
 update forward (log-probs with grad + loss), backward + optimizer (incl. gradient clipping). "other" is
-the rest of the wall time of the measured optimizer steps (Lightning, logging, data loading). The step
-is the wall time per optimizer step (a rollout batch is amortised over its ``steps_per_generation``
-steps); the ratio is step / (update forward + backward + optimizer). The configurations:
+the rest of the measured optimizer steps' time (Lightning, logging, data hand-over). The step is the time
+per optimizer step (a rollout batch is amortised over its ``steps_per_generation`` steps); the ratio is step / (update forward + backward + optimizer). Times are the training process's CPU
+time (``time.process_time``; one torch thread), medians over ``--repeats`` interleaved runs: on a machine
+shared with other jobs wall time swings with their load (the wall-clock ratios are printed too). The
+configurations:
 
 * ``plain``: ``recipe.shared_prefix=false recipe.reuse_prompt_state=false`` (prompts repeated G times
   before ``generate``, every log-prob pass re-encodes and re-runs prompt + completion per row);
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +48,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from qwen3asr_train.config.load import CONFIG_DIR, register_schemas, to_typed  # noqa: E402
+from qwen3asr_train.rl import rewards  # noqa: E402
 from qwen3asr_train.stages import gspo  # noqa: E402
 from qwen3asr_train.testing import write_manifest  # noqa: E402
 
@@ -57,25 +61,28 @@ CONFIGS = {
 
 
 class _Window(L.Callback):
-    """Resets the stage's phase timer after the warm-up steps and times the measured steps."""
+    """Resets the stage's phase timer after the warm-up steps and times the measured steps (wall and CPU)."""
 
     def __init__(self, warmup_steps: int) -> None:
         self.warmup_steps = warmup_steps
-        self.start: float | None = None
-        self.end: float | None = None
+        self.start: tuple[float, float] | None = None
+        self.end: tuple[float, float] | None = None
         self.steps = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         if trainer.global_step == self.warmup_steps:
             pl_module.timer.reset()
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
         elif trainer.global_step > self.warmup_steps:
-            self.end = time.perf_counter()
+            self.end = (time.perf_counter(), time.process_time())
             self.steps = trainer.global_step - self.warmup_steps
 
 
-def measure(overrides: list[str], warmup_steps: int) -> dict[str, float]:
-    """Train with ``overrides``; seconds per optimizer step of each phase, ``other`` and ``step``."""
+def measure(overrides: list[str], warmup_steps: int) -> dict[str, dict[str, float]]:
+    """Train with ``overrides``; per clock (``cpu``, ``wall``): seconds per optimizer step of each phase,
+    ``other``, ``step``, ``update`` and ``ratio``."""
+    for cached in (rewards._units, rewards._repetition):  # start every configuration from cold reward caches
+        cached.cache_clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_typed(compose("config", overrides=overrides))
     window = _Window(warmup_steps)
@@ -83,13 +90,15 @@ def measure(overrides: list[str], warmup_steps: int) -> dict[str, float]:
     trainer.fit(module, train_dataloaders=loader)
     if window.start is None or window.end is None or window.steps == 0:
         raise RuntimeError("no measured steps: raise --batches")
-    per_step = {name: module.timer.seconds.get(name, 0.0) / window.steps for name in PHASES}
-    per_step["step"] = (window.end - window.start) / window.steps
-    per_step["other"] = per_step["step"] - sum(per_step[name] for name in PHASES)
-    per_step["update"] = per_step["update_forward"] + per_step["backward_optimizer"]
-    per_step["ratio"] = per_step["step"] / per_step["update"]
-    per_step["steps"] = window.steps
-    return per_step
+    out = {}
+    for k, (clock, seconds) in enumerate((("wall", module.timer.seconds), ("cpu", module.timer.cpu_seconds))):
+        per_step = {name: seconds.get(name, 0.0) / window.steps for name in PHASES}
+        per_step["step"] = (window.end[k] - window.start[k]) / window.steps
+        per_step["other"] = per_step["step"] - sum(per_step[name] for name in PHASES)
+        per_step["update"] = per_step["update_forward"] + per_step["backward_optimizer"]
+        per_step["ratio"] = per_step["step"] / per_step["update"]
+        out[clock] = per_step
+    return out
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
@@ -107,6 +116,10 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="small", help="model config group for a random model (default: small)")
@@ -121,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--warmup", type=int, default=1, help="rollout batches before measuring")
     parser.add_argument("--batches", type=int, default=3, help="measured rollout batches")
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append", help="run only these configurations")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the median is reported")
+    parser.add_argument("--num-workers", type=int, default=1, help="data.num_workers (the recipes use 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "recipe=gspo",
             *model,
             f"data.train={manifest}",
-            "data.num_workers=0",
+            f"data.num_workers={args.num_workers}",
             "trainer=cpu",
             "logger=none",
             f"trainer.max_steps={warmup_steps + args.batches * args.steps_per_generation}",
@@ -154,21 +169,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             "recipe.export_on_end=false",
             f"seed={args.seed}",
         ]
-        results = {}
-        for name in args.only or list(CONFIGS):
-            results[name] = measure([*base, *CONFIGS[name], f"run_dir={tmp}/{name}"], warmup_steps)
+        runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in args.only or list(CONFIGS)}
+        for repeat in range(args.repeats):  # configurations interleaved, so a change in machine load hits all
+            for name in runs:
+                overrides = [*base, *CONFIGS[name], f"run_dir={tmp}/{name}-{repeat}"]
+                runs[name].append(measure(overrides, warmup_steps))
+    results = {clock: {name: _median([r[clock] for r in rs]) for name, rs in runs.items()} for clock in ("cpu", "wall")}
     settings = (
         f"model {args.model_path or args.model}, G={args.group_size}, {args.rollout_batch_size} utterances per "
-        f"rollout batch, {args.steps_per_generation} minibatches, {args.batches} measured rollout batches, "
-        f"torch threads {torch.get_num_threads()}"
+        f"rollout batch, {args.steps_per_generation} minibatches, {args.batches} measured rollout batches x "
+        f"{args.repeats} repeats (median), data.num_workers={args.num_workers}, torch threads {torch.get_num_threads()}"
     )
-    print(f"GSPO step cost ({settings})\n")  # noqa: T201
-    print(table(results))  # noqa: T201
-    if "plain" in results:
-        for name in results:
+    print(f"GSPO step cost, CPU time of the training process ({settings})\n")  # noqa: T201
+    print(table(results["cpu"]))  # noqa: T201
+    print("\nwall clock: " + ", ".join(f"{n} {r['ratio']:.2f}×" for n, r in results["wall"].items()))  # noqa: T201
+    if "plain" in runs:
+        for name in runs:
             if name != "plain":
-                speed = results["plain"]["step"] / results[name]["step"]
-                print(f"\n{name}: step {speed:.2f}× faster than plain")  # noqa: T201
+                speed = {c: results[c]["plain"]["step"] / results[c][name]["step"] for c in ("cpu", "wall")}
+                print(f"{name}: step {speed['cpu']:.2f}× faster than plain (wall {speed['wall']:.2f}×)")  # noqa: T201
     return results
 
 
