@@ -9,10 +9,11 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install sysdeps test test-slow test-all test-gpu test-compat compat-venv lint format demo clean clean-exp
+.PHONY: help install sysdeps test test-slow test-all test-gpu test-compat compat-venv lint format demo clean clean-exp \
+	bench memory gpu-check
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -56,13 +57,27 @@ test-compat: install compat-venv ## both directions against upstream qwen-asr in
 test-gpu: install ## CUDA tests (they skip cleanly without a GPU)
 	$(PY) -m pytest -q -rs -m gpu
 
+OFFICIAL_STAMP := $(COMPAT_VENV)/.official-installed
+$(OFFICIAL_STAMP): benchmarks/requirements-official.txt $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -m pip install -q -r benchmarks/requirements-official.txt
+	touch $(OFFICIAL_STAMP)
+
+bench: install $(OFFICIAL_STAMP) ## official SFT recipe (unmodified, compat venv) vs our default SFT path, same weights+data; BENCH_ARGS=...
+	$(PY) -m benchmarks.bench_sft $(BENCH_ARGS)
+
+memory: install ## memory per GPU for 0.6B/1.7B x 1 GPU/DDP/FSDP/ZeRO-2/3 from measured activations; MEMORY_ARGS=...
+	$(PY) -m benchmarks.memory $(MEMORY_ARGS)
+
+gpu-check: install ## on a CUDA machine (<10 min): GPU tests + 0.6B/1.7B throughput/MFU/memory -> $OUT or gpu_check_out/
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
 lint: install ## ruff lint + format check
-	$(VENV)/bin/ruff check qwen3asr_train tests data_tools
-	$(VENV)/bin/ruff format --check qwen3asr_train tests data_tools
+	$(VENV)/bin/ruff check qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
+	$(VENV)/bin/ruff format --check qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
 
 format: install ## apply ruff formatting
-	$(VENV)/bin/ruff format qwen3asr_train tests data_tools
-	$(VENV)/bin/ruff check --fix qwen3asr_train tests data_tools
+	$(VENV)/bin/ruff format qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
+	$(VENV)/bin/ruff check --fix qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
 
 demo: install ## offline demo: synthetic speech -> small model (~0.6M params) SFT -> held-out WER before/after -> export
 	bash recipes/demo_sft/run.sh

@@ -43,3 +43,72 @@ def test_bf16_mixed_sft_steps_on_cuda_keep_fp32_weights(manifest_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert "export" in out
+
+
+def _metrics_steps(run_dir) -> dict[int, float]:
+    """step -> train/loss from the run's metrics.csv (the CSV logger's rows with a loss)."""
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv", newline="") as handle:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")}
+
+
+STRATEGIES = [
+    pytest.param("fsdp", id="fsdp"),
+    pytest.param("deepspeed_zero2", id="zero2"),
+    pytest.param("deepspeed_zero3", id="zero3"),
+]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sharded_strategy_two_steps_then_resume_on_one_gpu(strategy, manifest_dir, tmp_path):
+    """Two bf16-mixed steps under the strategy on one GPU, a checkpoint, then a resumed run to step 4: the
+    resumed run continues the step count and every logged loss is finite."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    run = tmp_path / "run"
+    common = [f"trainer={strategy}", "trainer.devices=1", "trainer.checkpoint_every_n_steps=2"]
+    sft.run(make_config(tiny_sft_overrides(manifest_dir, run, *common, "trainer.max_steps=2")))
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    first = _metrics_steps(run)
+    assert sorted(first) == [0, 1], first
+    sft.run(
+        make_config(tiny_sft_overrides(manifest_dir, run, *common, "trainer.max_steps=4", "recipe.resume_from=last"))
+    )
+    steps = _metrics_steps(run)
+    assert sorted(steps) == [0, 1, 2, 3], steps
+    assert all(np.isfinite(v) for v in steps.values())
+    assert steps[0] == first[0] and steps[1] == first[1]  # the first run's rows are kept, not recomputed
+
+
+def test_flash_attention_varlen_packing_equals_the_padded_batch():
+    """flash-attention-2 on a packed batch (varlen: cu_seq_lens) gives the padded batch's loss and gradients
+    (bf16 autocast on both sides; tolerance for bf16 and the different reduction order)."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    packing = pytest.importorskip("qwen3asr_train.data.packing", reason="no packing module")
+    from qwen3asr_train.data.collate import SFTCollator, SFTOptions
+    from qwen3asr_train.losses import target_token_ce
+    from qwen3asr_train.training import backbone_hidden
+    from tests.test_collate import samples
+
+    model, processor = build_model(ModelConfig(source="tiny", attn_implementation="flash_attention_2"), seed=0)
+    model = model.cuda().train()
+    padded = SFTCollator(processor, SFTOptions())(samples())
+    packed = packing.pack_batch(padded)
+
+    def loss_and_grads(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = backbone_hidden(model, batch)
+            loss, _ = target_token_ce(out.last_hidden_state, batch["labels"], model.lm_head)
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().float(), grads
+
+    loss_a, grads_a = loss_and_grads(padded)
+    loss_b, grads_b = loss_and_grads(packed)
+    assert torch.allclose(loss_a, loss_b, rtol=2e-2), (float(loss_a), float(loss_b))
+    for name, g in grads_a.items():
+        scale = float(g.abs().max()) or 1.0
+        assert float((g - grads_b[name]).abs().max()) <= 5e-2 * scale, name
