@@ -144,13 +144,16 @@ def sft_module(request):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("budget", [0, 60])
+@pytest.mark.parametrize("budget", [0, 140])
 def test_sft_packed_equals_unpacked_with_ctc(sft_module, side, budget):
     module, processor = sft_module
     batch = SFTCollator(processor, SFTOptions(padding_side=side, context_prob=1.0))(samples())
     packed = pack_batch(batch, budget)
-    if budget:
-        assert packed["input_ids"].shape[0] > 1  # several packed rows, with a padding tail
+    if budget:  # several rows, two clips in a row, padding tails, and the clips in another order
+        rows = plan_rows(batch["attention_mask"].sum(-1).tolist(), budget)
+        assert len(rows) > 1 and max(len(r) for r in rows) > 1, rows
+        assert [i for r in rows for i in r] != sorted(i for r in rows for i in r), rows
+        assert int(packed["attention_mask"].sum()) < packed["attention_mask"].numel()
     assert packed["input_ids"].shape[1] < batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
     ref = _sums_and_grads(module, batch)
     got = _sums_and_grads(module, packed)
@@ -193,11 +196,15 @@ def _slot_ce_and_grads(model, batch) -> tuple[dict[str, float], dict[str, torch.
     return {"ce_sum": float(ce), "n_slots": float(n)}, grads
 
 
-@pytest.mark.parametrize("budget", [0, 40])
+@pytest.mark.parametrize("budget", [0, 60])
 def test_aligner_packed_equals_unpacked(aligner_setup, budget):
     model, processor, tone = aligner_setup
     collator = AlignerCollator(processor, NUM_CLASSES, slot_prob=0.7, seed=0)  # left padding, as inference
     batch = collator(tone)
+    if budget:  # several rows of two clips each, in another order than the padded batch's
+        rows = plan_rows(batch["attention_mask"].sum(-1).tolist(), budget)
+        assert len(rows) > 1 and min(len(r) for r in rows) > 1, rows
+        assert [i for r in rows for i in r] != sorted(i for r in rows for i in r), rows
     ref = _slot_ce_and_grads(model, batch)
     got = _slot_ce_and_grads(model, PackingCollator(collator, budget)(tone))
     assert ref[0]["n_slots"] == batch["num_slots"] > 0
