@@ -23,6 +23,20 @@ from qwen3asr_train import memory
 log = logging.getLogger("memory")
 
 
+def read_cache(path: Path | None) -> dict:
+    """Measured rates by "<size>, ckpt <mode>, chunk <n>" ({} without a cache file)."""
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def write_cache(path: Path, key: str, rates: dict) -> None:
+    """Add one entry (re-reading the file first, so concurrent runs for other sizes keep theirs)."""
+    data = read_cache(path)
+    data[key] = rates
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="training memory per GPU (make memory)")
     parser.add_argument("--sizes", nargs="+", default=list(memory.REAL_SIZES), choices=list(memory.REAL_SIZES))
@@ -38,6 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ddp-no-bucket-view", action="store_true", help="DDP without gradient_as_bucket_view")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="the card size the summary checks")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="JSON of measured rates: reused when it has the (size, mode, CE chunk) entry, updated after each measurement",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
