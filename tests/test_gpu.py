@@ -71,14 +71,15 @@ def test_sharded_strategy_two_steps_then_resume_on_one_gpu(strategy, manifest_di
     sft.run(make_config(tiny_sft_overrides(manifest_dir, run, *common, "trainer.max_steps=2")))
     assert (run / "checkpoints" / "last.ckpt").exists()
     first = _metrics_steps(run)
-    assert sorted(first) == [0, 1], first
+    assert len(first) == 2, first
     sft.run(
         make_config(tiny_sft_overrides(manifest_dir, run, *common, "trainer.max_steps=4", "recipe.resume_from=last"))
     )
     steps = _metrics_steps(run)
-    assert sorted(steps) == [0, 1, 2, 3], steps
+    keys = sorted(steps)
+    assert len(keys) == 4 and keys == list(range(keys[0], keys[0] + 4)), steps  # continued, not restarted
     assert all(np.isfinite(v) for v in steps.values())
-    assert steps[0] == first[0] and steps[1] == first[1]  # the first run's rows are kept, not recomputed
+    assert {k: steps[k] for k in first} == first  # the first run's rows are kept, not recomputed
 
 
 def test_flash_attention_varlen_packing_equals_the_padded_batch():
