@@ -436,7 +436,12 @@ class MicroBatch:
 
 @dataclass
 class Estimate:
-    """One row of the memory table (bytes)."""
+    """One row of the memory table (bytes).
+
+    ``activations``: without checkpointing, saved bytes + the head's chunk transient. ``activations_ckpt``:
+    with it, the larger of (saved bytes + the larger of the head's chunk transient and one decoder layer
+    recomputed) and the audio encoder's recompute at the end of backward (its conv maps and one layer, for the
+    whole micro-batch's audio, when the decoder's activations are already freed)."""
 
     model: str
     strategy: str
@@ -449,7 +454,8 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
     def total(self, checkpointing: bool) -> float:
-        return self.states + (self.activations_ckpt if checkpointing else self.activations) + self.head_peak
+        """Peak per GPU: states + the activation peak (both activation fields already include the transients)."""
+        return self.states + (self.activations_ckpt if checkpointing else self.activations)
 
 
 def estimate(
@@ -464,6 +470,7 @@ def estimate(
     """The table rows of one model size."""
     size = REAL_SIZES[name]
     params = parameter_count(asr_config(size))
+    head_peak = head_chunk_peak_bytes(size["hidden_size"], ce_chunk_tokens)
     rows = []
     for strategy in strategies:
         gpus = 1 if strategy == "1 GPU" else opts.gpus
@@ -474,9 +481,13 @@ def estimate(
                 gpus=gpus,
                 parameters=params["total"],
                 states=states_bytes(strategy, params, opts),
-                activations=rates_none.bytes(batch.audio_s, batch.tokens, batch.targets),
-                activations_ckpt=rates_ckpt.bytes(batch.audio_s, batch.tokens, batch.targets),
-                head_peak=head_chunk_peak_bytes(size["hidden_size"], ce_chunk_tokens),
+                activations=rates_none.bytes(batch.audio_s, batch.tokens, batch.targets) + head_peak,
+                activations_ckpt=max(
+                    rates_ckpt.bytes(batch.audio_s, batch.tokens, batch.targets)
+                    + max(head_peak, rates_none.decoder_layer_per_token * batch.tokens),
+                    (rates_none.outside_per_audio_s + rates_none.encoder_layer_per_audio_s) * batch.audio_s,
+                ),
+                head_peak=head_peak,
             )
         )
     return rows
@@ -524,5 +535,5 @@ def largest_fitting_seconds(row: Estimate, batch: MicroBatch, budget_gib: float,
     (0 when the states alone do not fit)."""
     activations = row.activations_ckpt if checkpointing else row.activations
     per_second = activations / batch.audio_s
-    room = budget_gib * GIB - row.states - row.head_peak
+    room = budget_gib * GIB - row.states
     return max(0.0, room / per_second)
