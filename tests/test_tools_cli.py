@@ -32,6 +32,7 @@ SUBCOMMANDS = (
     "segment",
     "import-hf",
     "import-lhotse",
+    "import-noise",
     "export-lhotse",
     "report",
 )

@@ -11,6 +11,7 @@ Subcommands (each has ``--help``):
 * ``segment``               long recordings -> segments at given times or at low-energy points
 * ``import-hf``             HF datasets (save_to_disk folder or hub name) -> manifest + rejects
 * ``import-lhotse``         Lhotse cuts / recordings + supervisions -> manifest + rejects
+* ``import-noise``          folder of noise recordings (MUSAN-style) -> noise manifest + rejects
 * ``export-lhotse``         manifest -> Lhotse recordings, supervisions, cuts
 * ``report``                hours per language, duration histogram, text lengths, unusual characters
 
