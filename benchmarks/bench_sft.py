@@ -270,6 +270,9 @@ def summarise(record: dict[str, Any], warmup_steps: int) -> dict[str, float]:
     start = steps[warmup_steps - 1]["t"] if warmup_steps > 0 else record["t_begin"]
     elapsed = timed[-1]["t"] - start
     total = {key: sum(s.get(key, 0.0) for s in timed) for key in ("audio_s", "real_tokens", "positions", "rows")}
+    # rows of the LM head (151,936-way logits): the official model computes them at every position
+    default_rows = "positions" if record.get("side") == "official" else "target_tokens"
+    head_rows = sum(s.get("head_rows", s.get(default_rows, 0.0)) for s in timed)
     return {
         "steps": float(len(timed)),
         "elapsed_s": elapsed,
@@ -278,6 +281,7 @@ def summarise(record: dict[str, Any], warmup_steps: int) -> dict[str, float]:
         "real_tokens_per_s": total["real_tokens"] / elapsed,
         "padding_fraction": 1.0 - total["real_tokens"] / max(total["positions"], 1.0),
         "rows_per_step": total["rows"] / len(timed),
+        "head_rows_per_audio_s": head_rows / max(total["audio_s"], 1e-9),
         "s_per_step": elapsed / len(timed),
         "peak_rss_mb": float(record.get("peak_rss_mb", float("nan"))),
         "process_wall_s": float(record.get("process_wall_s", float("nan"))),
@@ -301,6 +305,7 @@ def pool(summaries: list[dict[str, float]]) -> dict[str, float]:
         "peak_rss_mb": max(s["peak_rss_mb"] for s in summaries),
         "s_per_step": elapsed / sum(s["steps"] for s in summaries),
         "process_wall_s": sum(s["process_wall_s"] for s in summaries) / len(summaries),
+        "head_rows_per_audio_s": sum(s["head_rows_per_audio_s"] * s["audio_s"] for s in summaries) / audio,
     }
 
 
@@ -327,6 +332,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| peak RSS, training process | {o['peak_rss_mb']:.0f} MB | {u['peak_rss_mb']:.0f} MB | "
         f"official uses {r['peak_rss_official_over_ours']:.2f}x |",
         f"| s per optimizer step | {o['s_per_step']:.2f} | {u['s_per_step']:.2f} | |",
+        f"| LM-head rows per audio-second | {o['head_rows_per_audio_s']:.1f} | {u['head_rows_per_audio_s']:.1f} | "
+        f"{u['head_rows_per_audio_s'] / o['head_rows_per_audio_s']:.2f}x |",
         f"| process wall time per run (start-up incl.) | {o['process_wall_s']:.0f} s | {u['process_wall_s']:.0f} s | |",
     ]
     per_run = ", ".join(f"{x:.2f}x" for x in result["per_repeat_audio_ratio"])

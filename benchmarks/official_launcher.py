@@ -75,6 +75,7 @@ def _install_clock(record: dict) -> None:
             "rows": float(ids.shape[0]),
             "trained_label_tokens": float((inputs["labels"] != -100).sum()) if "labels" in inputs else 0.0,
             "micro_batches": 1.0,
+            "head_rows": float(ids.numel()),  # its model computes 151,936-way logits at every position
         }
         for key, value in stats.items():
             pending[key] = pending.get(key, 0.0) + value

@@ -40,6 +40,7 @@ def batch_stats(batch: dict[str, Any]) -> dict[str, float]:
         "positions": float(ids.numel()),
         "rows": float(len(rows)) if rows is not None else float(ids.shape[0]),
         "target_tokens": float(batch.get("num_target_tokens", 0)),
+        "head_rows": float(batch.get("num_target_tokens", 0)),  # our head runs on the target positions only
     }
 
 

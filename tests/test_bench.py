@@ -72,7 +72,14 @@ def test_step_clock_batch_stats_hand_count():
         "num_target_tokens": 4,
     }
     stats = step_clock.batch_stats(batch)
-    assert stats == {"audio_s": 3.5, "real_tokens": 8.0, "positions": 10.0, "rows": 2.0, "target_tokens": 4.0}
+    assert stats == {
+        "audio_s": 3.5,
+        "real_tokens": 8.0,
+        "positions": 10.0,
+        "rows": 2.0,
+        "target_tokens": 4.0,
+        "head_rows": 4.0,
+    }
 
 
 def test_real_vocabulary_tokenizer_keeps_the_small_bpe_ids():
