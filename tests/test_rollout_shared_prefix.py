@@ -217,3 +217,22 @@ def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor):
         assert calls[0] == 3 and set(calls[1:]) == {12}, calls  # random model: 12 distinct prefixes after one step
     finally:
         counter.remove()
+
+
+def test_gradient_checkpointing_falls_back_to_the_plain_path(ending_model):
+    """Checkpointed layers in training mode keep no cache (the backward replay would append twice): sampling and
+    log-probs then take the plain path and give its results."""
+    model, processor = ending_model
+    model = copy.deepcopy(model)
+    reference = _rollouts(model, processor, False)
+    with torch.no_grad():
+        expected = completion_logprobs(model, reference, 1.0, [1], shared_prefix=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    shared = _rollouts(model, processor, True)
+    assert shared.prompt_state is None and shared.sampled_logprobs is None
+    assert shared.completion_ids.shape[0] == 12  # sampled (by generate, recomputing without a cache)
+    logp = completion_logprobs(model, reference, 1.0, [1], shared_prefix=True)
+    assert torch.allclose(logp, expected, atol=1e-5)
+    logp.sum().backward()
+    assert any(p.grad is not None for p in model.parameters())

@@ -217,6 +217,15 @@ class PromptState:
         return DynamicCache(data, config=config)
 
 
+def cache_usable(model: torch.nn.Module) -> bool:
+    """False while gradient checkpointing is active (a training-mode model with checkpointed decoder layers):
+    transformers then drops every cache, because the backward replay would append to it a second time. The
+    shared-prefix path needs a cache, so callers fall back to the plain path in that case."""
+    if not model.training:
+        return True
+    return not any(getattr(m, "gradient_checkpointing", False) for m in model.model.language_model.modules())
+
+
 def _check_cacheable(model: torch.nn.Module) -> None:
     text = model.config.get_text_config(decoder=True)
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
@@ -252,7 +261,8 @@ def completion_logprobs(
     ``rows`` selects prompts (indices into the B prompts; their G completions are taken together), so a
     minibatch re-encodes only its own utterances. ``shared_prefix`` prefills each prompt once and runs the
     G completions over its repeated cache; otherwise each of the R rows runs prompt + completion.
-    ``prompt_state`` (all B prompts, computed by *these* weights) skips the encoder and the prefill.
+    ``prompt_state`` (all B prompts, computed by *these* weights) skips the encoder and the prefill. Under active
+    gradient checkpointing (no cache can be kept) the plain path is used whatever ``shared_prefix`` says.
     """
     g = rollouts.group_size
     prompt_rows = list(range(len(rollouts.prompts.samples))) if rows is None else list(rows)
@@ -260,6 +270,8 @@ def completion_logprobs(
     comp_ids = rollouts.completion_ids[comp_rows]  # (R, C)
     comp_mask = rollouts.completion_mask[comp_rows]  # (R, C)
     tokens = model.get_input_embeddings()(comp_ids)  # (R, C, H)
+    if prompt_state is None and not cache_usable(model):
+        shared_prefix = False  # gradient checkpointing: no cache can be kept, full sequences instead
     if shared_prefix or prompt_state is not None:
         if prompt_state is not None:
             state = prompt_state.select(prompt_rows)
@@ -408,7 +420,8 @@ class RolloutEngine(Protocol):
 
 
 class HFGenerateEngine:
-    """Sampling with the training model itself (encoder once per utterance; prefill once per prompt when shared)."""
+    """Sampling with the training model itself (encoder once per utterance; prefill once per prompt when shared,
+    except under active gradient checkpointing, where it samples with ``generate`` as the plain path does)."""
 
     def __init__(self, processor: Qwen3ASRProcessor) -> None:
         tok = processor.tokenizer
@@ -423,7 +436,7 @@ class HFGenerateEngine:
     def generate(self, model: torch.nn.Module, prompts: PromptBatch, opts: SamplingOptions) -> Rollouts:
         g = opts.group_size
         state = sampled = None
-        if opts.shared_prefix:
+        if opts.shared_prefix and cache_usable(model):
             out, sampled, state = sample_from_prompts(model, prompts, opts, self.end_ids, self.pad_id)  # (B*G, C)
         else:
             embeds = prompt_embeddings(model, prompts).repeat_interleave(g, 0)  # (B*G, P, H)
