@@ -21,6 +21,7 @@ from qwen3asr_train.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from qwen3asr_train.config.recipes import (
     DEFAULT_REWARD_WEIGHTS,
     AlignerConfig,
+    BiasingConfig,
     DecodeConfig,
     EvalConfig,
     EvalHookConfig,
@@ -111,6 +112,7 @@ __all__ = [
     "RECIPE_SCHEMAS",
     "TRAINING_RECIPES",
     "AlignerConfig",
+    "BiasingConfig",
     "ConfigError",
     "DataConfig",
     "DecodeConfig",
