@@ -84,6 +84,8 @@ def _install_clock(record: dict) -> None:
     def timed_on_step_end(self, args, state, control):
         record["steps"].append({"t": time.perf_counter(), **pending})
         pending.clear()
+        if record.get("clock_out"):  # after every step, so a run stopped early still has its steps
+            Path(record["clock_out"]).write_text(json.dumps(record) + "\n")
         return on_step_end(self, args, state, control)
 
     def timed_on_train_begin(self, args, state, control):
@@ -109,14 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     body = upstream_bytes()
-    record: dict = {"side": "official", "steps": [], "upstream_sha256": UPSTREAM_SHA256}
+    args.clock_out.parent.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "side": "official",
+        "steps": [],
+        "upstream_sha256": UPSTREAM_SHA256,
+        "clock_out": str(args.clock_out),
+        "t_begin": time.perf_counter(),
+    }
     _install_clock(record)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "qwen3_asr_sft.py"
         script.write_bytes(body)
         sys.argv = [str(script), *script_args]
         runpy.run_path(str(script), run_name="__main__")
-    args.clock_out.parent.mkdir(parents=True, exist_ok=True)
     args.clock_out.write_text(json.dumps(record) + "\n")
 
 
