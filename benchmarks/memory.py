@@ -68,11 +68,17 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.sizes:
         size = memory.REAL_SIZES[name]
         for mode in ("none", "full"):
+            key = f"{name}, ckpt {mode}"
+            cached = read_cache(args.cache).get(f"{key}, chunk {args.ce_chunk}")
+            if cached is not None:
+                measured[key] = memory.ActivationRates(**cached)
+                log.info("%s: rates from %s", key, args.cache)
+                continue
             start = time.perf_counter()
-            measured[f"{name}, ckpt {mode}"] = memory.measure_rates(
-                size, checkpointing=mode, ce_chunk_tokens=args.ce_chunk
-            )
-            log.info("measured %s, checkpointing %s in %.0f s", name, mode, time.perf_counter() - start)
+            measured[key] = memory.measure_rates(size, checkpointing=mode, ce_chunk_tokens=args.ce_chunk)
+            log.info("measured %s in %.0f s: %s", key, time.perf_counter() - start, measured[key])
+            if args.cache is not None:
+                write_cache(args.cache, f"{key}, chunk {args.ce_chunk}", asdict(measured[key]))
         rows += memory.estimate(
             name, measured[f"{name}, ckpt none"], measured[f"{name}, ckpt full"], batch, opts, args.ce_chunk
         )
