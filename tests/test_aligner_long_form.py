@@ -59,3 +59,26 @@ def test_long_form_dataset_mixes_short_items_and_joined_ones(tmp_path):
         second = pieces[1].utt.words[0]
         moved = item.utt.words[len(pieces[0].utt.words)]
         assert (moved.word, moved.start) == (second.word, second.start + offset)
+
+
+def test_long_form_groups_end_where_the_joined_text_would_cut_other_units():
+    """nagisa cuts 猫 + 山 differently once joined (夜猫山雨...): such utterances are not grouped, so no group
+    fails to concatenate when it is loaded (this once stopped a multilingual run)."""
+    import pytest
+
+    pytest.importorskip("nagisa")
+    from qwen3asr_train.data.word_units import split_words
+
+    def utt(uid: str, text: str, language: str) -> Utterance:
+        units = split_words(text, language)
+        words = [AlignedWord(w, 0.1 + 0.3 * i, 0.3 + 0.3 * i) for i, w in enumerate(units)]
+        return Utterance(uid, f"{uid}.wav", 0.5 + 0.3 * len(units), text, language, words=words)
+
+    first = utt("a", "友達大きい魚行く川食べる青い朝夜猫", "Japanese")
+    second = utt("b", "山雨天気東京電車", "Japanese")
+    assert split_words(first.text + second.text, "Japanese") != split_words(first.text, "Japanese") + split_words(
+        second.text, "Japanese"
+    )
+    english = [utt("c", "a cat", "English"), utt("d", "the dog", "English")]
+    dataset = LongFormDataset(UtteranceDataset([first, second, *english]), 30.0, 0.0, num_classes=375)
+    assert dataset.groups == [[2, 3]]
