@@ -134,8 +134,11 @@ class DataConfig:
     """Longest accepted target in tokens."""
     on_bad_row: str = "error"
     """``error``: stop at the first bad manifest row (file:line in the message); ``skip``: drop it, count and log it."""
-    num_workers: int = 2
-    """DataLoader worker processes (0 = load in the main process)."""
+    num_workers: Any = "auto"
+    """DataLoader worker processes per rank: an integer (0 = load in the main process) or ``auto`` =
+    min(8, cores per local rank - 1) (``training.resolve_num_workers``; docs/gpu_training.md)."""
+    prefetch_factor: Any = "auto"
+    """Windows each worker prepares ahead: an integer >= 1, or ``auto`` = max(2, ceil(8 / workers))."""
     shuffle: bool = True
     """Reshuffle the batch order every epoch (from the run seed and the epoch number)."""
     trim_to_equal_batches: bool = True
@@ -170,7 +173,16 @@ class DataConfig:
             "data.max_duration",
             "must be in (0, 1200]: Qwen3-ASR accepts at most 1200 s of audio",
         )
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(
+            self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0),
+            "data.num_workers",
+            "must be an integer >= 0 or auto",
+        )
+        _require(
+            self.prefetch_factor == "auto" or (isinstance(self.prefetch_factor, int) and self.prefetch_factor >= 1),
+            "data.prefetch_factor",
+            "must be an integer >= 1 or auto",
+        )
 
     def sources(self) -> int:
         """Number of configured training sources."""

@@ -28,6 +28,7 @@ from qwen3asr_train.data.lazy import LazyDataset, LazyRows, LazyWindowSampler
 from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, Utterance, read_manifests
 from qwen3asr_train.data.sampler import DurationWindowSampler
 from qwen3asr_train.languages import LanguageTable
+from qwen3asr_train.training import resolve_num_workers, resolve_prefetch_factor
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +288,15 @@ class ASRDataModule(L.LightningDataModule):
             )
         else:
             sampler = self._eager_sampler(dataset, window, shuffle, rank, world)
+        workers = resolve_num_workers(self.cfg.num_workers, trainer.num_devices if trainer is not None else 1)
         loader = DataLoader(
             WindowDataset(dataset),
             sampler=sampler,
             batch_size=None,
             collate_fn=WindowCollator(collator),
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
-            prefetch_factor=2 if self.cfg.num_workers > 0 else None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=resolve_prefetch_factor(self.cfg.prefetch_factor, workers),
         )
         return WindowedLoader(loader, sampler)
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 
-from qwen3asr_train import spine
+from qwen3asr_train import spine, training
 from qwen3asr_train.config.schema import GSPOConfig, RunConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample, UtteranceDataset
@@ -347,7 +347,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[GSP
     dataset = MixtureRollouts(
         datasets, recipe.rollout_batch_size, recipe.steps_per_rollout(), cfg.seed, trainer.global_rank
     )
-    loader = RolloutLoader(dataset, cfg.data.num_workers)
+    loader = RolloutLoader(dataset, training.resolve_num_workers(cfg.data.num_workers, trainer.num_devices))
     sampling = SamplingOptions.from_recipe(recipe, cfg.seed)
     module = GSPOModule(
         model,

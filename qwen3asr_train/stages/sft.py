@@ -27,8 +27,7 @@ from qwen3asr_train.data.datamodule import (
     ASRDataModule,
     DataPositionTracker,
     distractor_pool,
-    drop_long_targets,
-    load_train_utterances,
+    load_train_data,
     row_checks,
 )
 from qwen3asr_train.data.dataset import UtteranceDataset
@@ -135,22 +134,21 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     resume = spine.start_run(cfg, recipe.resume_from)
 
     rejects = SkipReport()
-    train, hf = load_train_utterances(cfg.data, rejects)
+    data = load_train_data(cfg.data, cfg.seed, rejects)  # every row, or (data.lazy) the head of a stream
     valid = read_manifests(cfg.data.valid, row_checks(cfg.data), cfg.data.on_bad_row, rejects) if cfg.data.valid else []
-    plan = spine.run_plan(cfg, {"train": train})
+    plan = spine.run_plan(cfg, data.plan_sources(), **data.plan_extra())
     training.check_resume_plan(resume, plan, cfg.trainer.resume_allow_changes)
-    model, processor = spine.build_run_model(cfg, [u.text for u in train])
-    train = drop_long_targets(train, processor, cfg.data, rejects)
+    model, processor = spine.build_run_model(cfg, [u.text for u in data.utterances])
+    data.apply_token_limit(processor, cfg.data, rejects)
     spine.write_rejects(rejects, run_dir)
 
     augment = build_augmenter(cfg.data.augment, "sft", cfg.seed)
     collator = SFTCollator(
-        processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(train, cfg.seed), augment=augment
+        processor, SFTOptions.from_recipe(recipe, cfg.seed), distractor_pool(data.utterances, cfg.seed), augment=augment
     )
     plain = SFTCollator(processor, SFTOptions(seed=cfg.seed))
     collator, plain = maybe_packed(collator, cfg.data), maybe_packed(plain, cfg.data)
-    train_set = UtteranceDataset(train, cfg.data.on_bad_row, hf, cfg.data.hf_train.audio_column)
-    train_set.rejects_path = run_dir / spine.REJECTS_FILE
+    train_set = data.dataset(cfg.data, run_dir / spine.REJECTS_FILE)
     datamodule = ASRDataModule(
         cfg.data,
         train_set,
@@ -163,7 +161,10 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
     hook = build_asr_hook(cfg.evaluation, cfg.data, processor, run_dir)
     callbacks = [DataPositionTracker(), *extra_callbacks, *([hook] if hook is not None else [])]
     trainer = training.build_trainer(cfg, model, callbacks, validation=bool(valid), resume_from=resume, plan=plan)
-    per_rank_micro = -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
+    # the schedule needs the epoch's length only without max_steps (the lazy path cannot know it: a clear error)
+    per_rank_micro = (
+        0 if cfg.trainer.max_steps > 0 else -(-datamodule.micro_batches_per_epoch() // max(trainer.world_size, 1))
+    )
     tok = processor.tokenizer
     module = SFTModule(
         model,
