@@ -386,7 +386,16 @@ def test_import_output_trains(kind: str, tmp_path: Path) -> None:
     assert (run_dir / "rejects.jsonl").read_text() == ""  # training accepted every row the importer wrote
 
 
-NEW_COMMANDS = ("import-table", "import-kaldi", "segment", "import-hf", "import-lhotse", "export-lhotse", "report", "import-noise")
+NEW_COMMANDS = (
+    "import-table",
+    "import-kaldi",
+    "segment",
+    "import-hf",
+    "import-lhotse",
+    "export-lhotse",
+    "report",
+    "import-noise",
+)
 
 
 @pytest.mark.parametrize("command", NEW_COMMANDS)

@@ -270,3 +270,27 @@ def test_default_buckets_keep_nine_tenths_of_decoder_tokens_real_without_packing
     assert total >= 0.90, total
     assert worst >= 0.80, worst
     assert share(8)[0] < 0.90  # the old default (8 buckets) did not reach it: the measurement discriminates
+
+
+def test_aligner_ctc_is_per_clip_under_packing(aligner_setup):
+    """The aligner's auxiliary CTC (training only) sees each clip's words and audio, packed or not."""
+    model, processor, tone = aligner_setup
+    tok = processor.tokenizer
+    markers = ["<|audio_start|>", "<|audio_pad|>", "<|audio_end|>", "<timestamp>"]
+    special = [tok.pad_token_id, *tok.convert_tokens_to_ids(markers)]
+    module = AlignerModule(model, AlignerConfig(ctc_weight=0.5), 1, special)
+    module.train()
+    model.eval()  # no dropout in the backbone: both computations see the same function
+    collator = AlignerCollator(processor, NUM_CLASSES, slot_prob=0.7, seed=0)
+
+    def run(batch):
+        module.zero_grad(set_to_none=True)
+        sums = module.forward_sums(batch)
+        (sums["ce_sum"] + sums["ctc_sum"]).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        return {k: float(v) for k, v in sums.items()}, grads
+
+    ref = run(collator(tone))
+    assert ref[0]["ctc_sum"] > 0
+    for budget in (0, 60):
+        _assert_same(ref, run(PackingCollator(collator, budget)(tone)))

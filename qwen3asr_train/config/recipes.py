@@ -249,9 +249,18 @@ class EvalConfig:
     """Streaming evaluation (off by default): chunked re-decoding with a rolled-back prefix, scored like offline."""
     biasing: BiasingConfig = field(default_factory=BiasingConfig)
     """Context-biasing evaluation (off by default): recall / false alarms / U-WER per hot-word list size + chart."""
+    on_unit_mismatch: str = "resplit"
+    """Aligner checkpoints: a row whose words differ from the aligner's word units (``resplit`` / ``skip`` /
+    ``strict``, as ``recipe.on_unit_mismatch`` of the aligner stage); counted per language in
+    ``unit_policy.json``."""
 
     def validate(self) -> None:
         _require(bool(self.sets), "recipe.sets", "name at least one manifest, e.g. +recipe.sets.test=test.jsonl")
+        _require(
+            self.on_unit_mismatch in {"resplit", "skip", "strict", "error"},
+            "recipe.on_unit_mismatch",
+            "must be resplit|skip|strict (error = strict)",
+        )
 
 
 @dataclass

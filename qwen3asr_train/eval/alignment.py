@@ -44,7 +44,9 @@ def time_bin_label(lo: float, hi: float) -> str:
     return f">{lo:g} s" if hi == float("inf") else f"{lo:g}-{hi:g} s"
 
 
-TIME_BIN_LABELS: tuple[str, ...] = tuple(time_bin_label(a, b) for a, b in zip(TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True))
+TIME_BIN_LABELS: tuple[str, ...] = tuple(
+    time_bin_label(a, b) for a, b in zip(TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True)
+)
 
 
 def decode_slots(

@@ -36,6 +36,7 @@ from qwen3asr_train.data.aligner import (
 from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import ManifestError, SkipReport, read_manifests
+from qwen3asr_train.data.packing import maybe_packed, per_clip
 from qwen3asr_train.data.prompts import AUDIO_END, AUDIO_PAD, AUDIO_START, TIMESTAMP
 from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.align_eval import AlignmentEvaluator
@@ -67,6 +68,8 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         if recipe.ctc_weight > 0 and not self.special_ids:
             raise ValueError("recipe.ctc_weight > 0 needs the special token ids (blank first)")
         self.norm = training.StepNormaliser()
+        self.flops = training.ModelFlops.from_model(model)
+        self.peak_tflops = 0.0  # trainer.peak_tflops (set by prepare); 0: from the device name
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.score(self.model.dropout(hidden))
@@ -95,10 +98,10 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         that, in the space the decoder compares against. It uses no extra parameters, so the exported
         aligner is unchanged; training only.
         """
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()  # (B, L) each
-        audio_lengths = (ids == self.model.config.audio_token_id).sum(-1)  # (B,)
-        special = torch.tensor(self.special_ids, device=ids.device)  # (K,)
-        targets = [row[m & ~torch.isin(row, special)] for row, m in zip(ids, mask, strict=True)]
+        clips = per_clip(batch, batch["input_ids"])  # real tokens of each clip, in feature order (packed or not)
+        audio_lengths = torch.stack([(ids == self.model.config.audio_token_id).sum() for ids in clips])  # (B,)
+        special = torch.tensor(self.special_ids, device=batch["input_ids"].device)  # (K,)
+        targets = [ids[~torch.isin(ids, special)] for ids in clips]
         embeddings = self.model.model.get_input_embeddings().weight  # (V, H)
         return audio_ctc(audio_hidden, audio_lengths, targets, lambda h: h @ embeddings.T, self.special_ids[0])
 
@@ -113,8 +116,9 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
             ctc=sums.get("ctc_sum", torch.zeros(())).detach(),
             audio=batch["audio_seconds"],
             seq=batch["attention_mask"].numel(),
-            real=batch["attention_mask"].sum(),
+            real=batch["num_real_tokens"],
             skipped=batch["skipped_audio"],
+            model_flops=self.flops.of_batch(batch),
         )
         if self.norm.window_done(batch, self.trainer):
             t, elapsed = self.norm.totals(self)
@@ -124,7 +128,7 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
                 "train/slot_accuracy": t["exact"] / n,
                 "train/slot_error_ms": t["abs_bins"] / n * SEGMENT_MS,
                 "train/slots": t["slots"],
-                **training.throughput_metrics(t, elapsed, self.trainer),
+                **training.throughput_metrics(t, elapsed, self.trainer, self.peak_tflops),
                 **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
             }
             self.norm.log(self, metrics)
@@ -211,6 +215,7 @@ def prepare(
         augment=build_augmenter(cfg.data.augment, "aligner", cfg.seed),
     )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
+    collator, full = maybe_packed(collator, cfg.data), maybe_packed(full, cfg.data)
     datamodule = ASRDataModule(
         cfg.data,
         dataset,
@@ -231,6 +236,7 @@ def prepare(
     tok = processor.tokenizer
     special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
     module = AlignerModule(model, recipe, spine.total_optimizer_steps(cfg, per_rank_micro), special)
+    module.peak_tflops = cfg.trainer.peak_tflops
     return module, datamodule, trainer, processor
 
 

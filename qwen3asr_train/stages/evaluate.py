@@ -43,15 +43,19 @@ def _evaluate_aligner(
     rejects: SkipReport,
 ) -> dict[str, Any]:
     """AAS per set and language (+ the energy baseline), alignments as JSON/TextGrid, a few plots."""
-    from qwen3asr_train.data.aligner import usable_for_alignment
+    from qwen3asr_train.data.aligner import UnitPolicyReport, usable_samples
     from qwen3asr_train.eval.align_eval import AlignmentEvaluator
 
+    units = UnitPolicyReport()
     for name, samples in sets.items():
-        keep = {u.id for u in usable_for_alignment([s.utt for s in samples], policy, f"eval:{name}", rejects)}
-        sets[name] = [s for s in samples if s.utt.id in keep]
+        sets[name] = usable_samples(
+            samples, policy, f"eval:{name}", rejects, units=recipe.on_unit_mismatch, report=units
+        )
         if not sets[name]:
             raise ManifestError(f"evaluation set {name}: no usable rows for alignment", "empty_manifest")
-    evaluator = AlignmentEvaluator(processor, sets, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size)
+    evaluator = AlignmentEvaluator(
+        processor, sets, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size, unit_report=units
+    )
     evaluator.title = model_title(recipe.model_path)
     metrics = evaluator.evaluate(model, out_dir, write=rank == 0)
     if dist.is_initialized():
