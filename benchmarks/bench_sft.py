@@ -21,7 +21,7 @@ Only what the official script cannot run without is passed to it: ``--eval_file`
 ``--official-batch-size``), ``--epochs 1`` and save/log intervals beyond the run. Everything else is its
 default, including fp16 weights on a CPU (it picks bf16 only on a GPU of capability >= 8) and 4 loader workers.
 
-    python -m benchmarks.bench_sft [--clips 64] [--repeats 2] [--workdir exp/bench] [--out bench.json]
+    python -m benchmarks.bench_sft [--clips 16] [--repeats 2] [--workdir exp/bench] [--out bench.json] [our overrides...]
 """
 
 from __future__ import annotations
