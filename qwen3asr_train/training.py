@@ -37,6 +37,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from qwen3asr_train.data.packing import PACKED_KEY, packed_causal_mask
+from qwen3asr_train.data.workers import node_cores, resolve_num_workers, resolve_prefetch_factor  # noqa: F401 (re-exported)
 from qwen3asr_train.progress import IntervalMeans, logger_writes_after_this_batch, progress_callbacks
 
 log = logging.getLogger(__name__)
@@ -899,36 +900,6 @@ def backbone_hidden(model: torch.nn.Module, batch: Mapping[str, Any]) -> Any:
     return model.model(attention_mask=mask, **inputs)
 
 
-def node_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which honours cgroup/SLURM CPU binding), not the
-    machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_num_workers(setting: int | str, local_ranks: int = 1, cores: int | None = None) -> int:
-    """DataLoader worker processes per rank: an int as given; ``auto`` = ``min(8, cores per local rank - 1)``
-    (at least 0).
-
-    Why from the cores: each worker decodes audio, computes log-mel features and tokenises at 1.2-1.9k
-    audio-seconds per CPU-second, and a 0.6B model at 40% MFU on an H100 consumes ≈4.8k audio-s/s, so a
-    GPU needs about 3-4 busy workers. A fixed count either starves an 8-GPU node (2 workers per GPU) or
-    oversubscribes a laptop. One core per rank stays for the training process itself; 8 is where more
-    workers stop paying (and each holds a copy of the dataset index).
-    """
-    if isinstance(setting, int) or (isinstance(setting, str) and setting.strip().lstrip("-").isdigit()):
-        value = int(setting)
-        if value < 0:
-            raise ValueError(f"data.num_workers={setting!r}: must be >= 0 or auto")
-        return value
-    if setting != "auto":
-        raise ValueError(f"data.num_workers={setting!r}: must be an integer >= 0 or auto")
-    cores = node_cores() if cores is None else cores
-    return max(0, min(8, cores // max(local_ranks, 1) - 1))
-
-
 def local_ranks(cfg: TrainerConfig) -> int:
     """Training processes per node for a trainer config, before the Trainer exists: ``trainer.devices`` when it
     is a count, else the CUDA devices (``auto`` on a GPU machine), else 1."""
@@ -939,20 +910,6 @@ def local_ranks(cfg: TrainerConfig) -> int:
     if cfg.accelerator != "cpu" and torch.cuda.is_available():
         return max(torch.cuda.device_count(), 1)
     return 1
-
-
-def resolve_prefetch_factor(setting: int | str, workers: int) -> int | None:
-    """``prefetch_factor`` of the DataLoader: None without workers (torch refuses one); an int as given;
-    ``auto`` = ``max(2, ceil(8 / workers))``, so about 8 windows are prepared ahead whatever the worker count
-    (a window of 120-s micro-batches is a few MB of features: memory is not the limit, latency spikes are)."""
-    if workers == 0:
-        return None
-    if setting == "auto":
-        return max(2, -(-8 // workers))
-    value = int(setting)
-    if value < 1:
-        raise ValueError(f"data.prefetch_factor={setting!r}: must be >= 1 or auto")
-    return value
 
 
 PEAK_TFLOPS_BF16 = (

@@ -136,7 +136,7 @@ class DataConfig:
     """``error``: stop at the first bad manifest row (file:line in the message); ``skip``: drop it, count and log it."""
     num_workers: Any = "auto"
     """DataLoader worker processes per rank: an integer (0 = load in the main process) or ``auto`` =
-    min(8, cores per local rank - 1) (``training.resolve_num_workers``; docs/gpu_training.md)."""
+    min(8, cores per local rank - 1) (``data/workers.py``; docs/gpu_training.md)."""
     prefetch_factor: Any = "auto"
     """Windows each worker prepares ahead: an integer >= 1, or ``auto`` = max(2, ceil(8 / workers))."""
     shuffle: bool = True

@@ -27,8 +27,8 @@ from qwen3asr_train.data.dataset import UtteranceDataset, WindowDataset
 from qwen3asr_train.data.lazy import LazyDataset, LazyRows, LazyWindowSampler
 from qwen3asr_train.data.manifest import ManifestError, RowChecks, SkipReport, Utterance, read_manifests
 from qwen3asr_train.data.sampler import DurationWindowSampler
+from qwen3asr_train.data.workers import resolve_num_workers, resolve_prefetch_factor
 from qwen3asr_train.languages import LanguageTable
-from qwen3asr_train.training import resolve_num_workers, resolve_prefetch_factor
 
 log = logging.getLogger(__name__)
 
