@@ -38,7 +38,13 @@ from qwen3asr_train.config.schema import DataConfig
 from qwen3asr_train.tools.import_cli import add_import_commands
 from qwen3asr_train.tools.import_cli import user_errors as _import_user_errors
 from qwen3asr_train.tools.mfa_layout import LayoutError, manifest_to_mfa_layout
-from qwen3asr_train.tools.synthetic import VOCABULARIES, EspeakUnavailableError, make_corpus
+from qwen3asr_train.tools.synthetic import (
+    RATE_WPM,
+    VOCABULARIES,
+    CorpusConfigError,
+    EspeakUnavailableError,
+    make_corpus,
+)
 from qwen3asr_train.tools.textgrid import UNK_POLICIES, TextGridError, mfa_corpus_to_manifest
 
 logger = logging.getLogger("qwen3asr_train.tools")
@@ -56,6 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TextGridError,
         ManifestError,
         EspeakUnavailableError,
+        CorpusConfigError,
         FileNotFoundError,
         *_import_user_errors(),
     )
@@ -92,6 +99,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         noise_snr_db=tuple(args.snr_db) if args.snr_db else None,
         workers=args.workers,
         vocabulary_size=args.vocabulary_size,
+        rate_wpm=tuple(args.rate_range),
+        num_unseen=args.num_unseen,
+        unseen_voices=tuple(args.heldout_voices),
+        unseen_rate_wpm=tuple(args.heldout_rates),
+        cased=args.cased,
     )
     rows = {split: _count_rows(path) for split, path in manifests.items()}
     _emit(
@@ -104,6 +116,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if not sum(rows.values()):
         return _nothing_written("synth", "every split has 0 rows (--num-train/--num-test/--num-no-speech)")
     return EXIT_OK
+
+
+def _rate_range(text: str) -> tuple[int, int]:
+    """``LOW-HIGH`` (words per minute, ``[LOW, HIGH)``) from ``--heldout-rates``."""
+    low, sep, high = text.partition("-")
+    if not (sep and low.isdigit() and high.isdigit()):
+        raise argparse.ArgumentTypeError(f"--heldout-rates wants LOW-HIGH ranges such as 115-135, got {text!r}")
+    return int(low), int(high)
 
 
 def cmd_mfa_layout(args: argparse.Namespace) -> int:
@@ -201,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-db", type=float, nargs=2, metavar=("LOW", "HIGH"), help="add noise at this SNR range")
     p.add_argument("--workers", type=int, default=2, help="processes (output does not depend on it)")
     p.add_argument("--vocabulary-size", type=int, default=0, help="use only the first N words (0 = all)")
+    p.add_argument(
+        "--rate-range",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=list(RATE_WPM),
+        help="speaking rates of train/test in words per minute, [LOW, HIGH) (default: %(default)s)",
+    )
+    p.add_argument("--num-unseen", type=int, default=0, help="clips in test_unseen.jsonl (held-out voices/rates only)")
+    p.add_argument(
+        "--heldout-voices",
+        nargs="+",
+        default=[],
+        metavar="VOICE",
+        help="voice ids (en) or variants (+f3) kept out of train/test and used by test_unseen",
+    )
+    p.add_argument(
+        "--heldout-rates",
+        nargs="+",
+        type=_rate_range,
+        default=[],
+        metavar="LOW-HIGH",
+        help="rate ranges [LOW, HIGH) outside --rate-range kept for test_unseen, e.g. 115-135 205-225",
+    )
+    p.add_argument("--cased", action="store_true", help="sentence case and punctuation (espeak reads it too)")
     _log_level(p, "INFO")
     p.set_defaults(func=cmd_synth)
 
