@@ -122,37 +122,9 @@ def real_vocab_tokenizer(texts: list[str], base_entries: int = QWEN_BASE_VOCAB) 
     small BPE, while the special tokens sit after the padded base vocabulary as in Qwen's tokenizer
     (``<|endoftext|>`` = 151,643, ...) and the tokenizer files have the real size.
     """
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
-
-    from qwen3asr_train.data.prompts import (
-        ASR_TEXT,
-        AUDIO_END,
-        AUDIO_PAD,
-        AUDIO_START,
-        ENDOFTEXT,
-        IM_END,
-        SPECIAL_TOKENS,
-    )
     from qwen3asr_train.model.tiny import build_tokenizer
 
-    small = build_tokenizer(texts)
-    model = json.loads(small.backend_tokenizer.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for i in range(len(vocab), base_entries):
-        vocab[f"<bench_unused_{i}>"] = i
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        extra_special_tokens={"audio_token": AUDIO_PAD, "audio_bos_token": AUDIO_START, "audio_eos_token": AUDIO_END},
-    )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(ASR_TEXT, special=False, normalized=False)])
-    return tokenizer
+    return build_tokenizer(texts, base_entries=base_entries)
 
 
 def write_model(directory: Path, texts: list[str], size: str, seed: int = 0) -> dict[str, int]:

@@ -55,8 +55,12 @@ BUILTIN_TEXTS: tuple[str, ...] = (
 """Fallback BPE corpus when no training texts are given."""
 
 
-def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 384) -> Qwen2Tokenizer:
+def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 384, base_entries: int = 0) -> Qwen2Tokenizer:
     """Train a byte-level BPE on ``texts`` (+ the prompt vocabulary) and wrap it as a Qwen2 tokenizer.
+
+    ``base_entries`` > 0 pads the base vocabulary with unreachable entries (no merge produces them) up to that
+    size, so the special tokens get the ids they have in Qwen's tokenizer (``<|endoftext|>`` = 151,643 with
+    151,643 entries) while real text keeps the small BPE's ids: the benchmarks use it for the real vocabulary.
 
     The pre-tokenizer is Qwen's (regex split, then byte-level), so merges never cross the boundaries
     the real tokenizer keeps (e.g. ``\\n`` before a word). eos = ``<|im_end|>``, pad = ``<|endoftext|>``
@@ -77,9 +81,12 @@ def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 384) -> Qwen2To
     )
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for i in range(len(vocab), base_entries):
+        vocab[f"<unused_{i}>"] = i
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(
-        vocab=model["vocab"],
+        vocab=vocab,
         merges=merges,
         unk_token=None,
         eos_token=IM_END,
