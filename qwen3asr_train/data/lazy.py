@@ -49,7 +49,7 @@ from qwen3asr_train.data.manifest import (
     RowChecks,
     SkipReport,
     Utterance,
-    decode_line,
+    json_line,
     open_lines,
     parse_row,
 )
@@ -181,15 +181,7 @@ class LazyRows:
 
     def _parse(self, raw: bytes, where: str, path: Path, line_no: int) -> list[Utterance]:
         """The utterances of one line: one for our rows, one per supervision for a Lhotse cut."""
-        line = decode_line(raw, where)
-        if line_no == 1:
-            line = line.removeprefix("\ufeff")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(
-                f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json"
-            ) from None
+        row = json_line(raw, where, line_no)
         from qwen3asr_train.tools.lhotse_io import cut_rows, is_cut_row
 
         if not is_cut_row(row):

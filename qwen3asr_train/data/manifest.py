@@ -177,6 +177,17 @@ PARALLEL_ROWS = 64
 """Manifests with at least this many rows have their headers read in parallel."""
 
 
+def json_line(raw: bytes, where: str, line_no: int) -> Any:
+    """The JSON value of one manifest line (a UTF-8 BOM on line 1 is dropped); errors name ``where``."""
+    line = decode_line(raw, where)
+    if line_no == 1:
+        line = line.removeprefix("\ufeff")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json") from None
+
+
 def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: int) -> Utterance:
     """Validate one decoded JSON row; raise :class:`ManifestError` (prefixed with ``where``) if unusable."""
     if not isinstance(row, dict):
@@ -341,16 +352,7 @@ def read_manifest(
         line_no, raw = item
         where = f"{path}:{line_no}"
         try:
-            line = decode_line(raw, where)
-            if line_no == 1:
-                line = line.removeprefix("\ufeff")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(
-                    f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json"
-                ) from None
-            return parse_row(row, where, path.parent, checks, line_no)
+            return parse_row(json_line(raw, where, line_no), where, path.parent, checks, line_no)
         except ManifestError as exc:
             return exc
 
