@@ -245,7 +245,7 @@ def enable_checkpointing(model: torch.nn.Module, mode: str) -> None:
     whole audio encoder, convolution front-end included, as the training configs do)."""
     if mode == "none":
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if mode == "full":
         from qwen3asr_train.model import builder
 

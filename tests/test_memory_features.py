@@ -131,7 +131,7 @@ def test_audio_tower_checkpoint_keeps_only_its_input():
     batch = SFTCollator(processor, SFTOptions())(samples())
     features = batch["input_features"].requires_grad_(False)
     tower = model.model.audio_tower
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with SavedBytes() as layers_only:
         tower(input_features=features, input_features_mask=batch["input_features_mask"])
     checkpoint_audio_tower(model)

@@ -326,7 +326,7 @@ def build_model(cfg: ModelConfig, texts: Iterable[str] = (), seed: int = 0) -> t
         model.train()  # from_pretrained returns eval mode; stages train (dropout on) and evaluate in eval mode
     zero_padded_audio_frames(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         checkpoint_audio_tower(model)
     if cfg.compile:
         compile_layers(model, cfg.compile_backend)
