@@ -423,6 +423,12 @@ class AlignerConfig:
     leading audio trimmed, never into the first word; word times follow). 0 = off."""
     label_sigma_bins: float = 0.0
     """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
+    audio_clock_weight: float = 0.0
+    """Auxiliary audio-token clock loss (training only, export unchanged): the head at every ``<|audio_pad|>``
+    position predicts that token's own time class; added as weight x its mean CE per audio token, so the
+    total is ``mean slot CE + w x mean clock CE`` per step. 0 = off (the loss is exactly the slot loss)."""
+    audio_clock_fraction: float = 1.0
+    """Share of the audio tokens the clock loss labels (a random subset per step; bounds its cost on long inputs)."""
     concat_max_seconds: float = 0.0
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
@@ -449,6 +455,8 @@ class AlignerConfig:
         _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
         _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
+        _require(self.audio_clock_weight >= 0, "recipe.audio_clock_weight", "must be >= 0")
+        _require(0.0 < self.audio_clock_fraction <= 1.0, "recipe.audio_clock_fraction", "must be in (0, 1]")
 
 
 @dataclass

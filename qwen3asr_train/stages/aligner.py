@@ -10,6 +10,12 @@ ranks), exactly like the SFT token normalisation. The head is evaluated only at 
 
 Long-form training (``recipe.concat_max_seconds``) adds items made of consecutive utterances of the same
 language concatenated (word times offset); inputs longer than the classes can address are refused.
+
+Audio-token clock (``recipe.audio_clock_weight``, training only): the same head, applied to the decoder's
+``<|audio_pad|>`` positions, is also trained to predict each audio token's *own* time class (the centre of
+the mel frames it summarises). Those outputs are unused at inference, so the exported model is unchanged;
+the loss gives the decoder hundreds of absolute-time labels per clip instead of a few slots
+(:func:`audio_clock_targets`, docs/aligner.md).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from qwen3asr_train.data.aligner import (
 from qwen3asr_train.data.datamodule import ASRDataModule, DataPositionTracker, load_train_utterances, row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import ManifestError, SkipReport, read_manifests
-from qwen3asr_train.data.packing import maybe_packed, per_clip
+from qwen3asr_train.data.packing import PACKED_KEY, maybe_packed, per_clip
 from qwen3asr_train.data.prompts import AUDIO_END, AUDIO_PAD, AUDIO_START, TIMESTAMP
 from qwen3asr_train.data.transforms import build_augmenter
 from qwen3asr_train.eval.align_eval import AlignmentEvaluator
@@ -48,6 +54,91 @@ log = logging.getLogger(__name__)
 
 UNIT_POLICY_FILE = "unit_policy.json"
 """Per-language counts of the word-unit policy (matched / re-cut / skipped) for training and the hook's sets."""
+
+AUDIO_TOKENS_PER_CHUNK = 13
+"""Audio tokens per 1 s encoder chunk (100 mel frames of 10 ms, three stride-2 convolutions): the constant both
+processors use to count placeholders. Token ``j`` of a chunk summarises frames ``8j .. 8j+7`` (the 13th only
+frames 96-99), so consecutive audio tokens are 80 ms apart inside a chunk and the chunk restarts every 1 s:
+audio token ``k`` is *not* time class ``k`` (13 tokens per 12.5 classes)."""
+
+FRAME_MS = 10.0
+"""Mel frame hop (160 samples at 16 kHz)."""
+
+
+def audio_token_centres_ms(index: torch.Tensor) -> torch.Tensor:
+    """Time (ms) of the centre of the mel frames that audio token ``index`` (0-based, within its clip) summarises.
+
+    Token ``j`` of chunk ``c`` covers frames ``[8j, min(8j + 8, 100))`` of that 1 s chunk; a frame ``f`` is
+    centred at ``10 f`` ms (the feature extractor's centred STFT), so the centre is
+    ``1000 c + 10 (8j + min(8j + 8, 100) - 1) / 2`` ms: 35, 115, ..., 915 and 975 ms in every second. A clip's
+    last, partial chunk is treated like a full one (its last token may cover fewer frames: < 40 ms off).
+    """
+    chunk = torch.div(index, AUDIO_TOKENS_PER_CHUNK, rounding_mode="floor")  # (N,)
+    j = index - chunk * AUDIO_TOKENS_PER_CHUNK  # (N,)
+    first = 8 * j  # (N,) first frame of the token
+    last = torch.clamp(first + 8, max=100) - 1  # (N,)
+    return chunk.double() * 1000.0 + FRAME_MS * (first + last).double() / 2.0
+
+
+def audio_clock_targets(
+    input_ids: torch.Tensor, audio_token_id: int, segment_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the audio tokens are and their time in 80 ms classes (fractional), for the audio-token clock loss.
+
+    Args:
+        input_ids: ``(R, L)`` token ids of a padded (left or right) or packed batch.
+        audio_token_id: the ``<|audio_pad|>`` id.
+        segment_ids: ``(R, L)`` clip index of each token in a packed batch (-1 on padding), None when unpacked
+            (then each row is one clip).
+
+    Returns ``(mask (R, L) bool, centres (N,) float64)``: ``centres[i]`` is the time of the ``i``-th audio token
+    in row-major order, in units of 80 ms, counted from the start of its own clip. The count restarts at each
+    clip because the decoder positions (and the clip's audio) restart there.
+    """
+    mask = input_ids == audio_token_id  # (R, L)
+    if segment_ids is None:
+        clips = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)  # (R, L)
+    else:
+        clips = segment_ids
+    clip_of = clips[mask]  # (N,) clip of each audio token; one clip's tokens are consecutive in row-major order
+    order = torch.arange(clip_of.numel(), device=input_ids.device)  # (N,)
+    num_clips = int(clip_of.max()) + 1 if clip_of.numel() else 0
+    first = torch.full((num_clips,), clip_of.numel(), dtype=torch.long, device=input_ids.device)
+    first = first.scatter_reduce(0, clip_of, order, reduce="amin")  # (clips,) first audio token of each clip
+    index = order - first[clip_of]  # (N,) position of each audio token inside its clip
+    return mask, audio_token_centres_ms(index) / SEGMENT_MS
+
+
+def audio_clock_ce(
+    hidden: torch.Tensor, mask: torch.Tensor, centres: torch.Tensor, head: Any, sigma_bins: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the head at the audio tokens against each token's own time.
+
+    Targets are consistent with the slot loss: with ``sigma_bins > 0`` a Gaussian of that width centred at the
+    token's fractional class (the centre rarely falls on a class centre: 1 s is 12.5 classes), else one-hot at
+    the nearest class (round half up, as :func:`~qwen3asr_train.data.aligner.time_to_class`). Centres past the
+    last class clip to it.
+
+    Args:
+        hidden: ``(R, L, H)`` decoder output.
+        mask: ``(R, L)`` audio-token positions (:func:`audio_clock_targets`).
+        centres: ``(N,)`` their times in classes.
+        head: dropout + classification head on ``(N, H)``.
+        sigma_bins: target width in classes (the slot loss's ``label_sigma_bins``).
+
+    Returns ``(summed CE, summed |argmax - centre| in classes)``.
+    """
+    logits = head(hidden[mask]).float()  # (N, C)
+    num_classes = logits.shape[-1]
+    mu = centres.to(logits.device).float().clamp(0, num_classes - 1)  # (N,)
+    if sigma_bins > 0:
+        bins = torch.arange(num_classes, device=logits.device, dtype=torch.float32)  # (C,)
+        target = torch.softmax(-0.5 * ((bins[None, :] - mu[:, None]) / sigma_bins) ** 2, dim=-1)  # (N, C)
+        loss = -(target * logits.log_softmax(-1)).sum()
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, torch.floor(mu + 0.5).long(), reduction="sum")
+    error = (logits.argmax(-1).float() - mu).abs().sum()
+    return loss, error.detach()
 
 
 class AlignerModule(training.SummedValidation, L.LightningModule):
@@ -88,7 +179,29 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         }
         if self.recipe.ctc_weight > 0 and self.training:
             sums["ctc_sum"] = self._ctc(out.audio_hidden_states, batch)
+        if self.recipe.audio_clock_weight > 0 and self.training:
+            sums.update(self._clock(out.last_hidden_state, batch))
         return sums
+
+    def _clock(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Summed audio-token clock CE (module docstring), its token count and summed |error| in classes.
+
+        ``recipe.audio_clock_fraction < 1`` labels a random subset of the audio tokens (fresh per step, seeded
+        by the global step so a resumed run repeats it) to bound the head's cost on very long inputs.
+        """
+        mask, centres = audio_clock_targets(
+            batch["input_ids"], int(self.model.config.audio_token_id), batch.get(PACKED_KEY)
+        )
+        fraction = self.recipe.audio_clock_fraction
+        if fraction < 1.0:
+            step = int(self.trainer.global_step) if self._trainer is not None else 0
+            gen = torch.Generator().manual_seed(step)
+            keep = torch.rand(centres.shape[0], generator=gen) < fraction  # (N,)
+            flat = mask.flatten().clone()
+            flat[flat.nonzero().squeeze(-1)[~keep.to(flat.device)]] = False
+            mask, centres = flat.view_as(mask), centres[keep]
+        ce, error = audio_clock_ce(hidden, mask, centres, self._head, self.recipe.label_sigma_bins)
+        return {"clock_sum": ce, "clock_n": mask.sum(), "clock_abs_bins": error}
 
     def _ctc(self, audio_hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """Summed auxiliary CTC of each row's word tokens on its projected audio states.
@@ -114,6 +227,9 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
             exact=sums["exact"],
             abs_bins=sums["abs_bins"],
             ctc=sums.get("ctc_sum", torch.zeros(())).detach(),
+            clock=sums.get("clock_sum", torch.zeros(())).detach(),
+            clock_n=sums.get("clock_n", torch.zeros(())),
+            clock_abs=sums.get("clock_abs_bins", torch.zeros(())),
             audio=batch["audio_seconds"],
             seq=batch["attention_mask"].numel(),
             real=batch["num_real_tokens"],
@@ -131,10 +247,26 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
                 **training.throughput_metrics(t, elapsed, self.trainer, self.peak_tflops),
                 **({"train/ctc_loss": t["ctc"] / n} if self.recipe.ctc_weight > 0 else {}),
             }
+            if self.recipe.audio_clock_weight > 0:
+                m = max(t["clock_n"], 1.0)
+                metrics["train/clock_loss"] = t["clock"] / m
+                metrics["train/clock_error_ms"] = t["clock_abs"] / m * SEGMENT_MS
             self.norm.log(self, metrics)
+        return self.loss(sums, scale)
+
+    def loss(self, sums: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """This micro-batch's share of the step loss: slot CE (+ CTC) (+ clock), each normalised per step.
+
+        The clock term is ``w x`` its mean CE per audio token, weighted like this micro-batch's slots, so over a
+        step the loss is ``mean slot CE + w x mean clock CE`` however many audio tokens a slot comes with.
+        Without the clock (``w = 0``) the loss is the slot loss, bit for bit.
+        """
         loss = sums["ce_sum"] * scale
         if "ctc_sum" in sums:
             loss = loss + self.recipe.ctc_weight * sums["ctc_sum"] * scale
+        if "clock_sum" in sums:
+            mean = sums["clock_sum"] / sums["clock_n"].clamp(min=1)
+            loss = loss + self.recipe.audio_clock_weight * mean * sums["n_slots"] * scale
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
