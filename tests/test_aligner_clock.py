@@ -7,9 +7,12 @@ packed one, and ``F.cross_entropy`` on hand-gathered hidden states for the loss.
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForTokenClassification
 
 from qwen3asr_train import training
 from qwen3asr_train.config.schema import AlignerConfig, ModelConfig
@@ -19,8 +22,10 @@ from qwen3asr_train.data.manifest import RowChecks, read_manifest
 from qwen3asr_train.data.packing import PackingCollator
 from qwen3asr_train.languages import LanguageTable
 from qwen3asr_train.model.builder import build_model
+from qwen3asr_train.stages import aligner as aligner_stage
 from qwen3asr_train.stages.aligner import AlignerModule, audio_clock_targets, audio_token_centres_ms
 from qwen3asr_train.tools.synthetic import write_tone_corpus
+from tests.conftest import make_config
 
 NUM_CLASSES = 64
 A = 7  # the audio token id of the toy layouts
@@ -149,3 +154,35 @@ def test_config_rejects_bad_clock_settings():
         AlignerConfig(audio_clock_weight=-1.0).validate()
     with pytest.raises(ValueError, match="audio_clock_fraction"):
         AlignerConfig(audio_clock_fraction=0.0).validate()
+
+
+@pytest.mark.slow  # ~20 CPU-s (a training run and an export)
+def test_a_run_with_the_clock_logs_it_and_exports_the_stock_model(tmp_path):
+    """Two training steps with the clock on: its loss and error are logged, and the export is the stock
+    aligner (the same parameter names and shapes as a model built without it: nothing training-only leaks)."""
+    manifest = write_tone_corpus(tmp_path / "tones", 8, seed=4)
+    run_dir = tmp_path / "run"
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={manifest}",
+            "trainer=cpu",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "data.num_workers=0",
+            "data.max_batch_seconds=8",
+            "recipe.audio_clock_weight=1.0",
+            "recipe.label_sigma_bins=1.0",
+            f"run_dir={run_dir}",
+        ]
+    )
+    written = aligner_stage.run(cfg)
+    rows = [r for r in csv.DictReader(open(run_dir / "logs" / "metrics.csv")) if r.get("train/clock_loss")]
+    assert rows and all(0 < float(r["train/clock_loss"]) < 20 for r in rows)
+    assert all(float(r["train/clock_error_ms"]) >= 0 for r in rows)
+    exported = AutoModelForTokenClassification.from_pretrained(written["export"])
+    stock, _ = build_model(ModelConfig(source="tiny", task="aligner", num_labels=NUM_CLASSES), seed=0)
+    assert {k: v.shape for k, v in exported.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
