@@ -32,7 +32,12 @@ third split ``test_unseen`` (``num_unseen`` clips) uses only them, so its error 
 does on voices and speaking rates it never heard. ``cased`` writes sentence-case transcripts with
 punctuation (commas, ``.``/``?``/``!``), which espeak also reads (pauses, question intonation); the word
 rows keep the case but not the punctuation, as the aligner's word units do. Rows of such corpora also carry
-``synthesis`` (voice, rate, pitch, word gap), so a split's settings can be checked from its manifest. espeak's own output depends on the calls made before in the same process (lengths
+``synthesis`` (voice, rate, pitch, word gap), so a split's settings can be checked from its manifest.
+
+Custom vocabularies (also off by default): ``vocabulary`` replaces the built-in word list of a one-language
+corpus with the caller's words (e.g. general words plus a domain's terms, which a model trained on the built-in
+list never saw), and ``context`` is written as every speech row's ``context`` (the system-turn text SFT and the
+evaluation put in the prompt, e.g. the domain's hot words). espeak's own output depends on the calls made before in the same process (lengths
 differ by tens, sometimes hundreds of samples; durations by up to ~30 ms), so audio is not bit-identical
 across runs or worker counts; word times are always measured on the audio that is written.
 """
@@ -366,6 +371,11 @@ class CorpusConfig:
     """Rate ranges ``[low, high)`` used only by ``test_unseen``; each must lie outside ``rate_wpm``."""
     cased: bool = False
     """Sentence-case transcripts with punctuation (read by espeak too); word rows keep case, drop punctuation."""
+    vocabulary: tuple[str, ...] = ()
+    """Words drawn instead of the built-in vocabulary (one language, written with spaces); ``vocabulary_size``
+    still takes the first N. Each word is written and spoken as given, so it must be letters only."""
+    context: str = ""
+    """Written as ``context`` into every speech row (the system turn of the prompt); empty: no such field."""
 
     @property
     def extended(self) -> bool:
@@ -400,6 +410,19 @@ class CorpusConfig:
                     f"unseen voice {entry!r} is neither a variant ({', '.join(VARIANTS[1:])}) nor a voice of "
                     f"{list(self.languages)} ({ {lang: VOICES[lang] for lang in self.languages} })"
                 )
+        if self.vocabulary:
+            if len(self.languages) != 1 or self.languages[0] in CHARACTER_LANGUAGES:
+                raise CorpusConfigError(
+                    f"vocabulary needs exactly one language written with spaces, got {list(self.languages)}"
+                )
+            for word in self.vocabulary:
+                if not word.isalpha():
+                    raise CorpusConfigError(
+                        f"vocabulary word {word!r} must be letters only (it is written and spoken as given)"
+                    )
+            repeated = sorted(w for w, n in Counter(self.vocabulary).items() if n > 1)
+            if repeated:
+                raise CorpusConfigError(f"vocabulary lists {repeated} more than once")
         if self.num_unseen and not (self.unseen_voices or self.unseen_rate_wpm):
             raise CorpusConfigError("num_unseen > 0 needs unseen_voices and/or unseen_rate_wpm (else it is just test)")
         for lang in self.languages:
@@ -415,6 +438,8 @@ _EXTENDED_DEFAULTS: dict[str, Any] = {
     "unseen_voices": (),
     "unseen_rate_wpm": (),
     "cased": False,
+    "vocabulary": (),
+    "context": "",
 }
 
 
@@ -467,10 +492,17 @@ def _punctuate(
 
 
 def _draw_sentence(
-    rng: np.random.Generator, lang: str, n_units: int, vocabulary_size: int = 0
+    rng: np.random.Generator,
+    lang: str,
+    n_units: int,
+    vocabulary_size: int = 0,
+    vocabulary: tuple[str, ...] = (),
 ) -> tuple[list[str], list[str]]:
-    """Random word sequence with ``n_units`` word units: ``(units, spoken tokens)``, one token per unit."""
-    vocab = VOCABULARIES[lang][:vocabulary_size] if vocabulary_size > 0 else VOCABULARIES[lang]
+    """Random word sequence with ``n_units`` word units: ``(units, spoken tokens)``, one token per unit.
+
+    ``vocabulary``: the caller's words instead of ``VOCABULARIES[lang]`` (drawn the same way)."""
+    words = _plain(" ".join(vocabulary)) if vocabulary else VOCABULARIES[lang]
+    vocab = words[:vocabulary_size] if vocabulary_size > 0 else words
     units: list[str] = []
     tokens: list[str] = []
     while len(units) < n_units:
@@ -497,7 +529,7 @@ def render_clip(
     rates = cfg.unseen_rate_wpm if unseen and cfg.unseen_rate_wpm else (cfg.rate_wpm,)
     for _ in range(100):
         n_units = int(rng.integers(cfg.words_per_clip[0], cfg.words_per_clip[1] + 1))
-        units, tokens = _draw_sentence(rng, lang, n_units, cfg.vocabulary_size)
+        units, tokens = _draw_sentence(rng, lang, n_units, cfg.vocabulary_size, cfg.vocabulary)
         if voices:
             voice = voices[rng.integers(len(voices))]
         else:  # the version-1 draws, kept so that existing corpora stay identical
@@ -566,6 +598,8 @@ def _make_speech_row(job: tuple[CorpusConfig, str, int, str]) -> tuple[dict, Cou
         "duration": audio.size / SAMPLE_RATE,
         "words": words,
     }
+    if cfg.context:
+        row["context"] = cfg.context
     if cfg.extended:
         row["synthesis"] = settings
     return row, rejected
@@ -628,6 +662,8 @@ def make_corpus(
     unseen_voices: tuple[str, ...] | list[str] = (),
     unseen_rate_wpm: tuple[tuple[int, int], ...] | list[tuple[int, int]] = (),
     cased: bool = False,
+    vocabulary: tuple[str, ...] | list[str] = (),
+    context: str = "",
 ) -> dict[str, Path]:
     """Write an espeak-ng corpus under ``out_dir`` and return ``{"train"|"test"|"no_speech"|"test_unseen": manifest}``.
 
@@ -640,8 +676,9 @@ def make_corpus(
     Generalisation options (see the module docstring): ``rate_wpm`` is the ``[low, high)`` rate range of
     train/test; ``unseen_voices`` (voice ids or ``+variant`` names) and ``unseen_rate_wpm`` (ranges outside
     ``rate_wpm``) are kept out of train/test and make up ``test_unseen.jsonl`` (``num_unseen`` clips);
-    ``cased`` writes sentence case and punctuation. Invalid combinations raise :class:`CorpusConfigError` (a
-    ``ValueError``) before any audio is written.
+    ``cased`` writes sentence case and punctuation. ``vocabulary`` (one language) draws the caller's words
+    instead of the built-in list; ``context`` goes into every speech row. Invalid combinations raise
+    :class:`CorpusConfigError` (a ``ValueError``) before any audio is written.
     """
     out = Path(out_dir).resolve()
     snr = None if noise_snr_db is None else tuple(map(float, np.broadcast_to(noise_snr_db, 2)))
@@ -659,6 +696,8 @@ def make_corpus(
         unseen_voices=tuple(unseen_voices),
         unseen_rate_wpm=tuple((int(low), int(high)) for low, high in unseen_rate_wpm),
         cased=cased,
+        vocabulary=tuple(vocabulary),
+        context=context,
     )
     cfg.validate()
     manifests = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
