@@ -66,6 +66,21 @@ def test_replay_sample_is_seeded_subset_in_file_order(tmp_path: Path) -> None:
         make_corpus.write_replay(general, tmp_path / "too_many.jsonl", 21)
 
 
+def test_own_domain_manifests_replace_the_synthetic_corpus(tmp_path: Path) -> None:
+    general = write_tone_corpus(tmp_path / "general", 6, seed=1, name="train")
+    mine = {s: write_tone_corpus(tmp_path / s, 3, seed=n, name=s) for n, s in enumerate(("train", "test"), 2)}
+    rows = _rows(mine["test"])
+    _write(mine["test"], [{**r, "context": HOT} for r in rows])
+    argv = [str(tmp_path / "out"), "--general-train", str(general), "--replay", "4"]
+    assert make_corpus.main([*argv, "--domain-train", str(mine["train"]), "--domain-test", str(mine["test"])]) == 0
+    out = tmp_path / "out"
+    assert (out / "domain" / "train.jsonl").read_text() == mine["train"].read_text()
+    assert _rows(out / "domain" / "test_nocontext.jsonl") == rows  # the rows as they were before the context
+    assert len(_rows(out / "replay.jsonl")) == 4 and not (out / "domain" / "wavs").exists()  # nothing synthesised
+    with pytest.raises(SystemExit):
+        make_corpus.main([*argv, "--domain-train", str(mine["train"])])
+
+
 def test_domain_vocabulary_is_new_to_the_general_corpus() -> None:
     assert len(make_corpus.GENERAL_WORDS) == 24 and not set(make_corpus.DOMAIN_WORDS) & set(make_corpus.GENERAL_WORDS)
     options = make_corpus.domain_corpus_options(10, 2)

@@ -15,8 +15,11 @@ Why these three files:
   replay run trains on the domain rows and these, one to one at the default, so it keeps seeing the general
   task while it learns the new words.
 
+Your own domain data instead of the synthetic corpus: ``--domain-train`` and ``--domain-test`` (manifests with
+a ``context`` per row if you have hot words) are copied to ``domain/`` and nothing is synthesised.
+
 Usage: python recipes/custom_domain/make_corpus.py OUT_DIR --general-train exp/demo_sft/corpus/train.jsonl
-       [--replay 600] [--num-train 600] [--num-test 100] [--workers 2]
+       [--replay 600] [--num-train 600] [--num-test 100] [--workers 2] [--domain-train T --domain-test H]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -109,11 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-train", type=int, default=600)
     parser.add_argument("--num-test", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2, help="processes (output does not depend on it)")
+    parser.add_argument("--domain-train", type=Path, help="your domain training manifest (skips synthesis)")
+    parser.add_argument("--domain-test", type=Path, help="your domain held-out manifest (with --domain-train)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    manifests = make_corpus(
-        args.out_dir / "domain", workers=args.workers, **domain_corpus_options(args.num_train, args.num_test)
-    )
+    if (args.domain_train is None) != (args.domain_test is None):
+        parser.error("--domain-train and --domain-test go together")
+    if args.domain_train:
+        (args.out_dir / "domain").mkdir(parents=True, exist_ok=True)
+        manifests = {"train": args.out_dir / "domain" / "train.jsonl", "test": args.out_dir / "domain" / "test.jsonl"}
+        shutil.copyfile(args.domain_train, manifests["train"])
+        shutil.copyfile(args.domain_test, manifests["test"])
+    else:
+        manifests = make_corpus(
+            args.out_dir / "domain", workers=args.workers, **domain_corpus_options(args.num_train, args.num_test)
+        )
     n = write_without_context(manifests["test"], args.out_dir / "domain" / "test_nocontext.jsonl")
     log.info("domain train %s, test %s (+ test_nocontext.jsonl, %d rows)", manifests["train"], manifests["test"], n)
     if args.replay:

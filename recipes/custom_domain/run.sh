@@ -10,7 +10,7 @@
 #   BASE_MODEL=<export dir>       the checkpoint to fine-tune (default: the demo's export, see stage 0)
 #   GENERAL_TRAIN= GENERAL_TEST=  its general training set (replay) and held-out set (forgetting)
 #   DEMO_EXP=<dir>                where the demo's outputs are (default exp/demo_sft)
-# and your domain manifests in place of stage 1's: $exp/corpus/domain/{train,test,test_nocontext}.jsonl.
+#   DOMAIN_TRAIN= DOMAIN_TEST=    your domain manifests (rows may carry `context`), used instead of stage 1's corpus
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 steps=${CUSTOM_STEPS:-400}; exp=exp/custom_domain
@@ -43,9 +43,15 @@ if [ $stage -le 0 ] && [ $stop_stage -ge 0 ] && [ ! -f $exp/base/.done ]; then
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
-  log "Stage 1: domain corpus (espeak-ng): 600 train + 100 held-out clips, 24 general + 10 new medical words,"
-  log "         the domain's hot words as context; a 600-row replay sample of the general training set"
-  $PY recipes/custom_domain/make_corpus.py $exp/corpus --general-train $exp/general/train.jsonl --workers 2
+  if [ -n "${DOMAIN_TRAIN:-}" ]; then
+    log "Stage 1: your domain manifests ($DOMAIN_TRAIN, $DOMAIN_TEST); a 600-row replay sample of the general set"
+    $PY recipes/custom_domain/make_corpus.py $exp/corpus --general-train $exp/general/train.jsonl \
+      --domain-train "$DOMAIN_TRAIN" --domain-test "$DOMAIN_TEST"
+  else
+    log "Stage 1: domain corpus (espeak-ng): 600 train + 100 held-out clips, 24 general + 10 new medical words,"
+    log "         the domain's hot words as context; a 600-row replay sample of the general training set"
+    $PY recipes/custom_domain/make_corpus.py $exp/corpus --general-train $exp/general/train.jsonl --workers 2
+  fi
 fi
 
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ] && [ ! -f $exp/eval_base/summary.json ]; then
