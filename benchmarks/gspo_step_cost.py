@@ -18,10 +18,11 @@ configurations:
 
 * ``plain``: ``recipe.shared_prefix=false recipe.reuse_prompt_state=false`` (prompts repeated G times
   before ``generate``, every log-prob pass re-encodes and re-runs prompt + completion per row);
-* ``shared``: the defaults (one prefill per prompt, continuations sampled from the repeated cache, the
-  behaviour log-probs reuse the rollout's prompt state).
-* ``shared+sampler_logprobs``: as ``shared``, and the behaviour log-probs are the sampler's own
-  (``recipe.sampler_logprobs=true``), so there is no old-log-prob pass.
+* ``shared-hf-recompute``: the previous default (one prefill per prompt, continuations sampled from the
+  shared cache through the transformers forward, ``recipe.fast_decode=false``; the behaviour log-probs are
+  recomputed over the rollout's prompt state, ``recipe.sampler_logprobs_in_process=false``);
+* ``shared-hf``: as above, with the behaviour log-probs taken from the sampler (the same numbers in float32);
+* ``shared``: the defaults (as ``shared-hf``, with the lean decode step of ``rl/fast_decode.py``).
 
 A random model almost never emits its end token, so every completion runs to the length budget
 (``tokens_per_second`` × the longest clip + ``min_new_tokens``): the worst case for generation.
@@ -55,9 +56,16 @@ from qwen3asr_train.testing import write_manifest  # noqa: E402
 PHASES = ("generation", "rewards", "old_logprobs", "update_forward", "backward_optimizer")
 CONFIGS = {
     "plain": ["recipe.shared_prefix=false", "recipe.reuse_prompt_state=false"],
-    "shared": ["recipe.shared_prefix=true", "recipe.reuse_prompt_state=true"],
-    "shared+sampler_logprobs": ["recipe.shared_prefix=true", "recipe.sampler_logprobs=true"],
+    "shared-hf-recompute": [
+        "recipe.shared_prefix=true",
+        "recipe.fast_decode=false",
+        "recipe.sampler_logprobs_in_process=false",
+    ],
+    "shared-hf": ["recipe.shared_prefix=true", "recipe.fast_decode=false"],
+    "shared": ["recipe.shared_prefix=true"],
 }
+DEFAULT = "shared"
+"""The configuration ``recipe=gspo`` runs without overrides."""
 
 
 class _Window(L.Callback):
@@ -183,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"GSPO step cost, CPU time of the training process ({settings})\n")  # noqa: T201
     print(table(results["cpu"]))  # noqa: T201
     print("\nwall clock: " + ", ".join(f"{n} {r['ratio']:.2f}×" for n, r in results["wall"].items()))  # noqa: T201
+    if DEFAULT in runs:
+        per_repeat = ", ".join(f"{r['cpu']['ratio']:.2f}×" for r in runs[DEFAULT])
+        print(f"default ({DEFAULT}) step/update per repeat, CPU time: {per_repeat}")  # noqa: T201
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # noqa: T201
     if "plain" in runs:
         for name in runs:
             if name != "plain":

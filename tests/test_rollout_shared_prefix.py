@@ -187,9 +187,11 @@ def test_prompt_state_is_not_modified_by_use(ending_model):
     assert all(torch.equal(k, k0) for k, k0 in zip(state.keys, before, strict=True))
 
 
-def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor):
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor, fast_decode):
     """A peaked model: all G samples of a prompt draw the same tokens, so the decoder runs on B rows, not B*G, and
-    the draws still equal generate's; a flat model splits at once into B*G rows."""
+    the draws still equal generate's; a flat model splits at once into B*G rows. Rows are counted at the first
+    layer's input norm, which both the lean step and the transformers forward call."""
     model, processor = tiny_model_and_processor
     model = copy.deepcopy(model)
     favourite = processor.tokenizer.convert_tokens_to_ids("<asr_text>")
@@ -200,12 +202,13 @@ def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor):
         return output
 
     handle = model.lm_head.register_forward_hook(peak)
+    ends = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     calls: list[int] = []
-    counter = model.model.language_model.register_forward_hook(
-        lambda m, a, kw, out: calls.append(kw["inputs_embeds"].shape[0]), with_kwargs=True
+    counter = model.model.language_model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0])
     )
     try:
-        shared = _rollouts(model, processor, True)
+        shared = _rollouts(model, processor, True, fast_decode=fast_decode)
         assert calls[0] == 3 and set(calls[1:]) == {3}, calls
         assert torch.all(shared.completion_ids == favourite)
         assert torch.equal(shared.completion_ids, _rollouts(model, processor, False).completion_ids)
@@ -213,8 +216,16 @@ def test_samples_share_decoder_rows_until_they_differ(tiny_model_and_processor):
         handle.remove()
     calls.clear()
     try:
-        _rollouts(model, processor, True)
-        assert calls[0] == 3 and set(calls[1:]) == {12}, calls  # random model: 12 distinct prefixes after one step
+        flat = _rollouts(model, processor, True, fast_decode=fast_decode)
+        # decoder rows at step t = distinct (prompt, first t tokens) among the rows still live after t tokens
+        ids, mask, g = flat.completion_ids.tolist(), flat.completion_mask.tolist(), flat.group_size
+        expected = [
+            len({(r // g, tuple(ids[r][:t])) for r in range(len(ids)) if mask[r][t - 1] and ids[r][t - 1] not in ends})
+            for t in range(1, len(calls))
+        ]
+        assert calls[0] == 3 and calls[1:] == expected, (calls, expected)
+        assert expected[0] == 12  # a flat model: the 4 samples of each prompt differ after one token
+        assert min(expected) < 12, "a row must end early, so that dropping ended prefixes is exercised"
     finally:
         counter.remove()
 

@@ -317,6 +317,9 @@ class GSPOSampling:
     shared_prefix: bool = True
     """Prefill each prompt once and sample its G continuations from the repeated cache (log-prob passes too);
     false: the plain path (prompt repeated G times before ``generate``), kept for comparison (docs/gspo.md)."""
+    fast_decode: bool = True
+    """Shared-prefix sampling steps use our lean decode step (static key/value buffers, precomputed rotary
+    tables, the layers' own modules; ``rl/fast_decode.py``) instead of the transformers forward (false)."""
 
 
 @dataclass
@@ -366,6 +369,11 @@ class GSPOConfig(GSPOSampling):
     """Take the behaviour log-probs from the sampler (``logits / temperature`` at each sampling step, as vLLM
     reports them; GSPO paper §5.4) instead of a recomputing pass; they differ from the recomputed ones by
     float round-off (~1e-6), far inside the 3e-4 clip. Needs an engine that reports them (shared prefix)."""
+    sampler_logprobs_in_process: bool = True
+    """Take the behaviour log-probs from the sampler whenever the engine computed them with the training model
+    itself (same weights, precision and eval mode, in this process: the HF engine's shared-prefix path), without
+    ``recipe.sampler_logprobs``: they are the numbers a recomputing pass gives, up to float round-off (docs/gspo.md).
+    Engines that differ (a vLLM engine) are recomputed unless ``recipe.sampler_logprobs=true``."""
     export_on_end: bool = True
     """Write a transformers-native export to ``<run_dir>/export`` at the end."""
 

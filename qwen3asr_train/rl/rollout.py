@@ -48,6 +48,7 @@ from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.collate import candidate_words
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.prompts import ENDOFTEXT, IM_END, asr_prompt
+from qwen3asr_train.rl.fast_decode import LeanDecoder, StepDecoder
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Rollouts:
     sampled_logprobs: torch.Tensor | None = None
     """``(B*G, C)`` log-probs of the sampled tokens under the sampler's ``logits / temperature`` (0 at padding), when
     the engine reports them (a vLLM engine: ``logprobs=0`` with ``logprobs_mode="processed_logprobs"``)."""
+    sampled_logprobs_in_process: bool = False
+    """True when ``sampled_logprobs`` were computed by the training model itself, in this process, with its current
+    weights, precision and eval mode (the HF engine): then they are the behaviour log-probs a recomputing pass would
+    give, up to float round-off, and the trainer uses them by default (``recipe.sampler_logprobs_in_process``)."""
 
 
 @contextmanager
@@ -338,6 +343,42 @@ def logits_warpers(opts: GSPOSampling) -> LogitsProcessorList:
     return warpers
 
 
+class HFStepDecoder:
+    """Decode steps through the transformers forward with a ``DynamicCache`` (``recipe.fast_decode=false``).
+
+    The reference for :class:`qwen3asr_train.rl.fast_decode.LeanDecoder`: same interface (``select`` rows,
+    ``step`` one token per row), one full ``language_model`` call per step.
+    """
+
+    def __init__(self, model: torch.nn.Module, state: PromptState) -> None:
+        self.lm = model.model.language_model
+        self.cache = state.expanded_cache(1, model.config)  # one cache row per distinct prefix
+        self.mask = state.mask  # (U, P+t)
+
+    def select(self, parent: torch.Tensor) -> None:
+        """Keep rows ``parent`` of the cache (repeats copy a row)."""
+        self.cache.batch_select_indices(parent)
+        self.mask = self.mask[parent]
+
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``(U, H)`` input embeddings of one new token per row -> ``(U, H)`` final hidden states."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (U, P+t+1)
+        return self.lm(
+            inputs_embeds=embeds[:, None],
+            attention_mask=self.mask,
+            position_ids=position_ids(self.mask)[:, -1:],
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+
+
+def step_decoder(model: torch.nn.Module, state: PromptState, max_new_tokens: int, fast: bool) -> StepDecoder:
+    """The lean decode step (``fast``, :class:`LeanDecoder`) or the transformers forward over ``state``'s prompts."""
+    if fast:
+        return LeanDecoder(model.model.language_model, state, max_new_tokens)
+    return HFStepDecoder(model, state)
+
+
 @torch.no_grad()
 def sample_from_prompts(
     model: torch.nn.Module,
@@ -347,61 +388,60 @@ def sample_from_prompts(
     pad_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, PromptState]:
     """``(B*G, C)`` sampled token ids (pad after a row's end token), their ``(B*G, C)`` log-probabilities under
-    ``logits / temperature`` (what :func:`completion_logprobs` computes; top-k/top-p do not enter them) and the
-    prompts' state, with one prefill per prompt.
+    ``logits / temperature`` (what :func:`completion_logprobs` computes; top-k/top-p do not enter them; 0 after
+    the end token) and the prompts' state, with one prefill per prompt.
 
     Each step: logits of the last token (float32) → temperature/top-k/top-p → softmax → one
     ``torch.multinomial`` draw per row; finished rows get ``pad_id``; stop when every row has ended or
     after ``prompts.max_new_tokens``. That is ``generate``'s sampling step for step (same RNG draws, same
     shapes).
 
-    The decoder runs once per distinct *prefix* (prompt + tokens so far), not once per row: the G samples of
-    a prompt share one cache row until their tokens differ (ASR samples often agree on ``language X<asr_text>``
-    and on most words), and a cache row is copied only when its samples split. The rows' logits are gathered
-    from their prefix's, so the draws are those of the B·G-row loop.
+    The decoder runs once per distinct *live prefix* (prompt + tokens so far, not yet ended), not once per row:
+    the G samples of a prompt share one decoder row until their tokens differ (ASR samples often agree on
+    ``language X<asr_text>`` and on most words), a row is copied only when its samples split, and a prefix that
+    ended is dropped from the decoder. Rows gather their logits from their prefix. Ended rows still take part in
+    the ``(B*G, V)`` draw with placeholder logits (their token is replaced by ``pad_id``), because
+    ``torch.multinomial`` draws random numbers for every row: so the live rows' draws are those of the
+    B·G-row loop. ``opts.fast_decode`` picks :class:`LeanDecoder` over the transformers forward.
     """
     g = opts.group_size
     state = prefill(model, prompt_embeddings(model, prompts), prompts.attention_mask)
     rows = state.mask.shape[0] * g
     device = state.mask.device
-    cache = state.expanded_cache(1, model.config)  # one cache row per distinct prefix: U rows
-    mask = state.mask  # (U, P+t)
-    hidden = state.last_hidden  # (U, H)
+    decoder = step_decoder(model, state, prompts.max_new_tokens, opts.fast_decode)
+    embed = model.get_input_embeddings()
+    hidden = state.last_hidden  # (U, H): one row per live prefix
     node = torch.arange(state.mask.shape[0], device=device).repeat_interleave(g)  # (B*G,): row -> its prefix
     warpers = logits_warpers(opts)
     ends = torch.tensor(list(end_ids), device=device)
-    unfinished = torch.ones(rows, dtype=torch.long, device=device)  # (B*G,)
+    live = torch.ones(rows, dtype=torch.bool, device=device)  # (B*G,): not yet ended
     generated: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     vocab = 0
     for step in range(prompts.max_new_tokens):
         if step > 0:
-            # the new prefixes: distinct (old prefix, token) pairs
-            keys, node = torch.unique(node * vocab + generated[-1], return_inverse=True)  # (U',), (B*G,)
+            # the new live prefixes: distinct (old prefix, token) pairs of the rows that have not ended
+            alive = live.nonzero().squeeze(1)  # (L,)
+            keys, inverse = torch.unique(node[alive] * vocab + generated[-1][alive], return_inverse=True)  # (U',)
             parent, token = keys // vocab, keys % vocab  # (U',)
-            if parent.numel() != mask.shape[0] or not torch.equal(parent, torch.arange(parent.numel(), device=device)):
-                cache.batch_select_indices(parent)
-                mask = mask[parent]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (U', P+t)
-            hidden = model.model.language_model(
-                inputs_embeds=model.get_input_embeddings()(token[:, None]).to(hidden.dtype),
-                attention_mask=mask,
-                position_ids=position_ids(mask)[:, -1:],
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]  # (U', H)
+            if parent.numel() != hidden.shape[0] or not torch.equal(
+                parent, torch.arange(parent.numel(), device=device)
+            ):
+                decoder.select(parent)
+            node = torch.zeros_like(node)  # ended rows point at prefix 0: placeholder logits, never used
+            node[alive] = inverse
+            hidden = decoder.step(embed(token).to(hidden.dtype))  # (U', H)
         logits = model.lm_head(hidden).float()  # (U, V)
         vocab = logits.shape[-1]
-        row_logits = logits[node]  # (B*G, V)
         seen = torch.stack(generated, 1) if generated else node.new_zeros(rows, 0)
-        probs = torch.softmax(warpers(seen, row_logits), dim=-1)
+        probs = torch.softmax(warpers(seen, logits[node]), dim=-1)  # (B*G, V)
         token = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B*G,)
-        token = token * unfinished + pad_id * (1 - unfinished)
+        token = torch.where(live, token, pad_id)
         generated.append(token)
-        logp = torch.log_softmax(logits / opts.temperature, -1)[node]  # (B*G, V)
-        logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        unfinished = unfinished & ~torch.isin(token, ends)
-        if not bool(unfinished.any()):
+        logp = torch.log_softmax(logits / opts.temperature, -1)[node, token]  # (B*G,)
+        logprobs.append(torch.where(live, logp, 0.0))
+        live = live & ~torch.isin(token, ends)
+        if not bool(live.any()):
             break
     return torch.stack(generated, dim=1), torch.stack(logprobs, dim=1), state
 
@@ -463,4 +503,28 @@ class HFGenerateEngine:
         ]
         if sampled is not None:
             sampled = sampled.masked_fill(comp_mask == 0, 0.0)
-        return Rollouts(prompts, g, ids, comp_mask, texts, truncated, prompt_state=state, sampled_logprobs=sampled)
+        return Rollouts(
+            prompts,
+            g,
+            ids,
+            comp_mask,
+            texts,
+            truncated,
+            prompt_state=state,
+            sampled_logprobs=sampled,
+            sampled_logprobs_in_process=sampled is not None and full_precision(model),
+        )
+
+
+def full_precision(model: torch.nn.Module) -> bool:
+    """True when ``model`` computes in plain float32 here: float32 weights, no autocast, and on CUDA no TF32 matmuls.
+
+    Why: the sampler's log-probs come from one-token decode steps, a recomputing pass from one teacher-forced
+    forward; in float32 the two differ by float round-off (~1e-6, far inside the 3e-4 clip), but in bfloat16 or
+    TF32 by ~1e-3, which the sequence ratio would read as policy change. Only in float32 are they used as the
+    behaviour log-probs without ``recipe.sampler_logprobs=true``.
+    """
+    weight = model.get_input_embeddings().weight
+    if weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type):
+        return False
+    return weight.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"

@@ -1,0 +1,116 @@
+"""The lean decode step (``rl/fast_decode.py``) against the transformers forward and a full teacher-forced pass.
+
+The independent construction is the text decoder run from scratch (no cache) over prompt + every token so far:
+the lean step's and the transformers step's hidden states must both equal it to float round-off, through row
+copies (prefix splits) and dropped rows (ended prefixes). Sampling with either step must draw the same tokens
+with one seed and report the same log-probs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qwen3asr_train.rl.fast_decode import LeanDecoder, lean_decode_unsupported
+from qwen3asr_train.rl.rollout import (
+    HFStepDecoder,
+    SamplingOptions,
+    build_prompts,
+    full_precision,
+    position_ids,
+    prefill,
+    prompt_embeddings,
+)
+from tests.test_rollout_shared_prefix import _rollouts, _samples, ending_model  # noqa: F401  (fixture)
+
+
+def _prompt_state(model, processor):
+    prompts = build_prompts(processor, _samples(3), SamplingOptions(group_size=2), step=0)
+    assert prompts.attention_mask.min() == 0, "prompts of different lengths: left padding must be exercised"
+    embeds = prompt_embeddings(model, prompts)
+    return prompts, embeds, prefill(model, embeds, prompts.attention_mask)
+
+
+@torch.no_grad()
+def test_lean_step_equals_transformers_step_and_full_forward(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    lm = model.model.language_model
+    embed = model.get_input_embeddings()
+    prompts, prompt_embeds, state = _prompt_state(model, processor)
+    steps = 7
+    lean = LeanDecoder(lm, state, steps)
+    hf = HFStepDecoder(model, state)
+    origin = [0, 1, 2]  # prompt of each decoder row
+    history: list[list[int]] = [[], [], []]  # tokens appended to each row
+    # row copies (a prefix splits: repeated parents) and drops (a prefix ended: parents left out)
+    selects = {1: [0, 0, 1, 2, 2], 3: [4, 1, 0], 4: [1, 1, 2, 0, 2], 6: [3]}
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for t in range(steps):
+        if t in selects:
+            parent = torch.tensor(selects[t])
+            lean.select(parent)
+            hf.select(parent)
+            origin = [origin[p] for p in selects[t]]
+            history = [list(history[p]) for p in selects[t]]
+        tokens = torch.randint(model.config.text_config.vocab_size, (len(origin),), generator=generator)
+        fast, slow = lean.step(embed(tokens)), hf.step(embed(tokens))  # (U, H)
+        for row, token in zip(history, tokens.tolist(), strict=True):
+            row.append(token)
+        # from scratch: prompt + all tokens of each row, no cache
+        rows = torch.tensor(origin)
+        full = torch.cat([prompt_embeds[rows], embed(torch.tensor(history))], dim=1)  # (U, P+t+1, H)
+        mask = torch.cat([prompts.attention_mask[rows], torch.ones(len(origin), t + 1, dtype=torch.long)], dim=1)
+        reference = lm(
+            inputs_embeds=full, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state[:, -1]  # (U, H)
+        assert fast.shape == reference.shape
+        assert torch.allclose(fast, reference, atol=2e-5, rtol=0), (t, float((fast - reference).abs().max()))
+        assert torch.allclose(slow, reference, atol=2e-5, rtol=0), (t, float((slow - reference).abs().max()))
+        worst = max(worst, float((fast - slow).abs().max()))
+    assert worst < 2e-5
+    with pytest.raises(RuntimeError, match="buffers are full"):
+        lean.step(embed(tokens))
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 5}, {"temperature": 1.3, "top_p": 0.8}])
+def test_same_tokens_and_logprobs_with_either_step(ending_model, options):  # noqa: F811
+    model, processor = ending_model
+    fast = _rollouts(model, processor, True, fast_decode=True, **options)
+    slow = _rollouts(model, processor, True, fast_decode=False, **options)
+    plain = _rollouts(model, processor, False, **options)  # transformers generate on repeated prompts
+    lengths = fast.completion_mask.sum(1)
+    assert lengths.min() < lengths.max(), "rows must end at different lengths (dropped prefixes exercised)"
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    assert fast.texts == plain.texts
+    assert torch.allclose(fast.sampled_logprobs, slow.sampled_logprobs, atol=2e-6, rtol=0)
+    assert torch.all(fast.sampled_logprobs[fast.completion_mask == 0] == 0)
+
+
+def test_unsupported_decoders_and_grad_mode_raise(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    with torch.no_grad():
+        _, _, state = _prompt_state(model, processor)
+    lm = copy.deepcopy(model.model.language_model)
+    assert lean_decode_unsupported(lm) is None
+    with pytest.raises(RuntimeError, match="no_grad"):
+        LeanDecoder(lm, state, 4)
+    lm.config.layer_types = ["sliding_attention"] * len(lm.layers)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"sliding_attention.*recipe.fast_decode=false"):
+        LeanDecoder(lm, state, 4)
+
+
+def test_engine_flags_its_logprobs_as_the_training_models(ending_model):  # noqa: F811
+    """The HF engine vouches for its sampled log-probs (same model, same process, float32), not under autocast
+    (bfloat16 decode steps and a teacher-forced pass differ by far more than round-off); the plain path reports none.
+    """
+    model, processor = ending_model
+    assert _rollouts(model, processor, True).sampled_logprobs_in_process
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not full_precision(model)
+    assert full_precision(model)
+    plain = _rollouts(model, processor, False)
+    assert plain.sampled_logprobs is None and not plain.sampled_logprobs_in_process
