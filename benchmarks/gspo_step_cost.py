@@ -89,7 +89,11 @@ class _Window(L.Callback):
 def measure(overrides: list[str], warmup_steps: int) -> dict[str, dict[str, float]]:
     """Train with ``overrides``; per clock (``cpu``, ``wall``): seconds per optimizer step of each phase,
     ``other``, ``step``, ``update`` and ``ratio``."""
-    for cached in (rewards._units, rewards._repetition):  # start every configuration from cold reward caches
+    for cached in (
+        rewards._normalised,
+        rewards._units,
+        rewards._repetition,
+    ):  # start every configuration from cold reward caches
         cached.cache_clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = to_typed(compose("config", overrides=overrides))

@@ -33,15 +33,22 @@ def _prompt_state(model, processor):
     return prompts, embeds, prefill(model, embeds, prompts.attention_mask)
 
 
+@pytest.mark.parametrize("adapter", [False, True])
 @torch.no_grad()
-def test_lean_step_equals_transformers_step_and_full_forward(tiny_model_and_processor):
+def test_lean_step_equals_transformers_step_and_full_forward(tiny_model_and_processor, adapter):
+    """``adapter``: a hook on layer 0's query projection stands for an adapter, so layer 0 takes the module path
+    and layer 1 the fused one; the hook adds 0.1, so the reference must see it too."""
     model, processor = tiny_model_and_processor
+    if adapter:
+        model = copy.deepcopy(model)
+        model.model.language_model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: out + 0.1)
     lm = model.model.language_model
     embed = model.get_input_embeddings()
     prompts, prompt_embeds, state = _prompt_state(model, processor)
     steps = 7
     lean = LeanDecoder(lm, state, steps)
     hf = HFStepDecoder(model, state)
+    assert [f is None for f in lean.fused] == [adapter] + [False] * (len(lm.layers) - 1)
     origin = [0, 1, 2]  # prompt of each decoder row
     history: list[list[int]] = [[], [], []]  # tokens appended to each row
     # row copies (a prefix splits: repeated parents) and drops (a prefix ended: parents left out)

@@ -144,6 +144,34 @@ def test_repetition_flags_loops_and_overlong_but_not_repetitive_references() -> 
     assert R.repetition(speech(REF, audio_seconds=None)) == 0.0
 
 
+def test_each_distinct_string_is_normalised_once(monkeypatch) -> None:
+    """The error units and the repetition check share one memoised normalisation per distinct string, and give what
+    the unmemoised evaluation functions give."""
+    from qwen3asr_train.eval import normalize as N
+
+    calls: list[str] = []
+    plain = N.normalize
+
+    def counting(text, language, **kw):
+        calls.append(text)
+        return plain(text, language, **kw)
+
+    for cached in (R._normalised, R._units, R._repetition):
+        cached.cache_clear()
+    monkeypatch.setattr(N, "normalize", counting)
+    loop = REF + " the" * 30
+    inputs = [speech(h) for h in ("the quick brown fox", loop, "the quick brown fox", REF)]
+    total, _ = CompositeReward()(inputs)
+    # distinct strings: 3 hypotheses (REF is also the reference) and the reference of the flagged loop row
+    assert sorted(calls) == sorted(["the quick brown fox", loop, REF])
+    options = N.NormalizerOptions()
+    for x in inputs:
+        expected = metrics.detect_repetition(x.parsed.text, "English", 3.0, unit="word", options=options)
+        assert x.repetition == expected
+        assert list(x.hypothesis_units) == metrics.tokenize(plain(x.parsed.text, "English"), "word")
+    assert total[1] < total[3]  # the loop is penalised
+
+
 def test_forced_language_rows() -> None:
     x = speech(REF, forced_language="English")
     assert x.completion == REF

@@ -13,10 +13,13 @@ cos/sin from the position ids and goes through the generic attention dispatch. F
 * **a boolean validity row** per row instead of a 4-D mask: left padding off, everything decoded so far on;
 * **precomputed rotary cos/sin** for every position up to ``P + C``, taken from the model's own
   ``rotary_emb`` (the same elementwise formula per position, so the same numbers), indexed per row;
-* **the decoder layers' own modules**: norms, projections, MLP and final norm are called as modules, so
-  weights, hooks and adapters (e.g. LoRA wrappers of a projection) are the model's; only the attention
-  kernel is called directly (``scaled_dot_product_attention`` on the key/value heads, the query heads of
-  a key/value head stacked as its queries, which is what ``repeat_kv`` computes).
+* **the layers' own weights in fewer operations**: when a layer's projections and norms are the plain
+  transformers modules, its step runs on their weights with the q/k/v and gate/up projections concatenated
+  (one matmul each), ``rms_norm`` as one operation, both head norms at once, and the rotary rotation as a
+  ``roll`` (~20 operations a layer instead of ~50; the same arithmetic). A layer with an adapter (e.g. a LoRA
+  wrapper of a projection) or a hook calls its modules instead, so the adapter takes part;
+* **attention on the key/value heads**: ``scaled_dot_product_attention`` with the query heads of a key/value
+  head stacked as its queries, which is what ``repeat_kv`` computes, without the copies.
 
 It covers the Qwen3 text decoder (full attention, ``q_norm``/``k_norm``, RoPE of a non-dynamic type) and
 raises a clear error for anything else. ``rl/rollout.py::HFStepDecoder`` is the transformers forward with a
@@ -30,10 +33,13 @@ one token per row and returns the final hidden states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 if TYPE_CHECKING:
     from qwen3asr_train.rl.rollout import PromptState
@@ -80,6 +86,96 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class _FusedLayer:
+    """One decoder layer's weights arranged for a step with few operations (built from plain modules only).
+
+    ``qkv``/``gate_up`` are the row-concatenated projection weights (one matmul instead of three/two);
+    ``qk_norm`` stacks the ``q_norm`` weight once per query head and the ``k_norm`` weight once per key/value
+    head, so both head norms are one ``rms_norm`` and one product.
+    """
+
+    ln1: torch.Tensor
+    ln1_eps: float
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_norm: torch.Tensor  # (heads + kv_heads, head_dim)
+    qk_eps: float
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    ln2_eps: float
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    intermediate: int
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    return type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _plain_norm(module: torch.nn.Module) -> bool:
+    return (
+        isinstance(module, Qwen3RMSNorm)
+        and type(module).forward is Qwen3RMSNorm.forward
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _cat_bias(modules: list[torch.nn.Linear]) -> torch.Tensor | None:
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules])
+
+
+def _fused_layer(layer: torch.nn.Module) -> _FusedLayer | None:
+    """The layer's weights for the fused step, or None when a module is not the plain transformers one (an adapter
+    such as a LoRA wrapper, a hook): then the step calls the modules themselves."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    linears += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm]
+    if not all(m is not None and _plain_linear(m) for m in linears) or not all(_plain_norm(m) for m in norms):
+        return None
+    if attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+        return None
+    d = attn.head_dim
+    heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    gate_up = [mlp.gate_proj, mlp.up_proj]
+    return _FusedLayer(
+        ln1=layer.input_layernorm.weight,
+        ln1_eps=layer.input_layernorm.variance_epsilon,
+        qkv=torch.cat([m.weight for m in qkv]),
+        qkv_bias=_cat_bias(qkv),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=d,
+        qk_norm=torch.cat([attn.q_norm.weight.expand(heads, d), attn.k_norm.weight.expand(kv_heads, d)]),
+        qk_eps=attn.q_norm.variance_epsilon,
+        o=attn.o_proj.weight,
+        o_bias=attn.o_proj.bias,
+        ln2=layer.post_attention_layernorm.weight,
+        ln2_eps=layer.post_attention_layernorm.variance_epsilon,
+        gate_up=torch.cat([m.weight for m in gate_up]),
+        gate_up_bias=_cat_bias(gate_up),
+        intermediate=mlp.gate_proj.out_features,
+        down=mlp.down_proj.weight,
+        down_bias=mlp.down_proj.bias,
+        act=mlp.act_fn,
+        scaling=attn.scaling,
+    )
+
+
 class LeanDecoder:
     """Decode steps with static key/value buffers and precomputed rotary tables (see the module docstring).
 
@@ -117,6 +213,11 @@ class LeanDecoder:
         positions = torch.arange(capacity, device=state.mask.device)[None]  # (1, P+C)
         cos, sin = language_model.rotary_emb(state.last_hidden[:1, None], positions)  # (1, P+C, head_dim)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # (P+C, head_dim)
+        half = self.sin.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2] (a sign moved, the same products)
+        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)  # (P+C, head_dim)
+        self.fused = [_fused_layer(layer) for layer in language_model.layers]
+        """Per layer: its weights for the fused step, or None (the layer's own modules are called)."""
 
     def select(self, parent: torch.Tensor) -> None:
         self.keys = [k[parent] for k in self.keys]
@@ -127,35 +228,70 @@ class LeanDecoder:
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         if self.length >= self.valid.shape[1]:
             raise RuntimeError(f"LeanDecoder: the {self.valid.shape[1]}-position buffers are full")
-        rows = embeds.shape[0]
         t = self.length
         self.valid[:, t] = True
         mask = self.valid[:, None, None, : t + 1]  # (U, 1, 1, t+1): shared by every head
-        cos = self.cos[self.next_pos][:, None, None]  # (U, 1, 1, head_dim)
-        sin = self.sin[self.next_pos][:, None, None]
-        x = embeds[:, None]  # (U, 1, H)
-        for layer, kbuf, vbuf in zip(self.lm.layers, self.keys, self.values, strict=True):
-            attn = layer.self_attn
-            d = attn.head_dim
-            kv_heads = kbuf.shape[1]
-            h = layer.input_layernorm(x)  # (U, 1, H)
-            q = attn.q_norm(attn.q_proj(h).view(rows, -1, d))  # (U, heads, d)
-            k = attn.k_norm(attn.k_proj(h).view(rows, kv_heads, d))  # (U, kv_heads, d)
-            v = attn.v_proj(h).view(rows, kv_heads, d)  # (U, kv_heads, d)
-            # queries of one key/value head side by side: (U, kv_heads, groups, d), as repeat_kv pairs them
-            q = q.view(rows, kv_heads, -1, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k[:, :, None] * cos + _rotate_half(k[:, :, None]) * sin  # (U, kv_heads, 1, d)
-            kbuf[:, :, t] = k[:, :, 0]
-            vbuf[:, :, t] = v
-            out = F.scaled_dot_product_attention(
-                q, kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], attn_mask=mask, scale=attn.scaling
-            )  # (U, kv_heads, groups, d)
-            x = x + attn.o_proj(out.reshape(rows, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = embeds  # (U, H)
+        for layer, fused, kbuf, vbuf in zip(self.lm.layers, self.fused, self.keys, self.values, strict=True):
+            if fused is not None:
+                x = self._fused_layer_step(fused, x, kbuf, vbuf, mask, t)
+            else:
+                x = self._module_layer_step(layer, x, kbuf, vbuf, mask, t)
         self.length += 1
         self.next_pos = self.next_pos + 1
-        return self.lm.norm(x)[:, 0]
+        return self.lm.norm(x)
+
+    def _fused_layer_step(
+        self, w: _FusedLayer, x: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, mask: torch.Tensor, t: int
+    ) -> torch.Tensor:
+        """One layer from its fused weights: ~20 operations instead of ~50 (the same arithmetic)."""
+        rows, d = x.shape[0], w.head_dim
+        cos = self.cos[self.next_pos][:, None]  # (U, 1, d)
+        sin = self.signed_sin[self.next_pos][:, None]
+        h = F.rms_norm(x, (x.shape[-1],), w.ln1, w.ln1_eps)  # (U, H)
+        qkv = F.linear(h, w.qkv, w.qkv_bias).view(rows, w.heads + 2 * w.kv_heads, d)
+        qk = F.rms_norm(qkv[:, : w.heads + w.kv_heads], (d,), None, w.qk_eps) * w.qk_norm  # (U, heads+kv, d)
+        qk = qk * cos + qk.roll(d // 2, -1) * sin  # rotary
+        q = qk[:, : w.heads].view(rows, w.kv_heads, -1, d)  # (U, kv_heads, groups, d): as repeat_kv pairs them
+        kbuf[:, :, t] = qk[:, w.heads :]
+        vbuf[:, :, t] = qkv[:, w.heads + w.kv_heads :]
+        out = F.scaled_dot_product_attention(
+            q, kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], attn_mask=mask, scale=w.scaling
+        )  # (U, kv_heads, groups, d)
+        x = x + F.linear(out.reshape(rows, -1), w.o, w.o_bias)
+        h = F.rms_norm(x, (x.shape[-1],), w.ln2, w.ln2_eps)
+        gate, up = F.linear(h, w.gate_up, w.gate_up_bias).split(w.intermediate, dim=-1)
+        return x + F.linear(w.act(gate) * up, w.down, w.down_bias)
+
+    def _module_layer_step(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        kbuf: torch.Tensor,
+        vbuf: torch.Tensor,
+        mask: torch.Tensor,
+        t: int,
+    ) -> torch.Tensor:
+        """One layer through its own modules (adapters and hooks included)."""
+        attn = layer.self_attn
+        rows, d, kv_heads = x.shape[0], attn.head_dim, kbuf.shape[1]
+        cos = self.cos[self.next_pos][:, None, None]  # (U, 1, 1, d)
+        sin = self.sin[self.next_pos][:, None, None]
+        h = layer.input_layernorm(x)  # (U, H)
+        q = attn.q_norm(attn.q_proj(h).view(rows, -1, d))  # (U, heads, d)
+        k = attn.k_norm(attn.k_proj(h).view(rows, kv_heads, d))  # (U, kv_heads, d)
+        v = attn.v_proj(h).view(rows, kv_heads, d)  # (U, kv_heads, d)
+        # queries of one key/value head side by side: (U, kv_heads, groups, d), as repeat_kv pairs them
+        q = q.view(rows, kv_heads, -1, d)
+        q = q * cos + _rotate_half(q) * sin
+        k = k[:, :, None] * cos + _rotate_half(k[:, :, None]) * sin  # (U, kv_heads, 1, d)
+        kbuf[:, :, t] = k[:, :, 0]
+        vbuf[:, :, t] = v
+        out = F.scaled_dot_product_attention(
+            q, kbuf[:, :, : t + 1], vbuf[:, :, : t + 1], attn_mask=mask, scale=attn.scaling
+        )  # (U, kv_heads, groups, d)
+        x = x + attn.o_proj(out.reshape(rows, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 __all__ = ["LeanDecoder", "StepDecoder", "lean_decode_unsupported"]
