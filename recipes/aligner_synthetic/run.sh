@@ -5,24 +5,20 @@
 # (model and the no-model energy baseline) on held-out data.
 #
 # Usage: recipes/aligner_synthetic/run.sh [--stage N] [--stop-stage M] [--steps S] [--num-train N]
-# All outputs go under exp/aligner_synthetic/ (delete it to start over).
-# Environment: ALIGNER_EXP (output folder), ALIGNER_SYNTH (corpus settings: `qwen3asr-data synth` options),
-# ALIGNER_SEED (training seed), ALIGNER_STEPS, ALIGNER_NUM_TRAIN; run_second_corpus.sh sets them for the
-# second corpus (other voices, rates and sentence lengths).
+# All outputs go under exp/aligner_synthetic/ (delete it to start over). The same recipe on a second corpus made
+# with other settings: run_second_corpus.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${ALIGNER_STEPS:-1300}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=${ALIGNER_EXP:-exp/aligner_synthetic}
-synth=${ALIGNER_SYNTH:-"--seed 1 --min-words 4 --max-words 10"}; seed=${ALIGNER_SEED:-1234}
+steps=${ALIGNER_STEPS:-1300}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
 . recipes/common.sh "$@"
 # Keep freed tensor memory in the heap instead of returning it to the kernel after every step: with
 # glibc's defaults the variable-length batches cost 60-200 s of system CPU time per 3000 steps, ~5 s with these.
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
-  log "Stage 0: synthetic English speech with word times ($num_train train / 100 held-out clips, $synth)"
-  # shellcheck disable=SC2086  # $synth is a list of options
+  log "Stage 0: synthetic English speech with word times ($num_train train / 100 held-out clips, 4-10 words)"
   $PY data_tools/make_synthetic_corpus.py $exp/corpus --languages en --num-train $num_train --num-test 100 \
-    $synth --workers 2
+    --min-words 4 --max-words 10 --seed 1 --workers 2
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ]; then
@@ -44,25 +40,19 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
-  log "Stage 3: train a small aligner from scratch ($steps steps, seed $seed, 30 s of 80 ms bins, short + joined 30 s clips)"
+  log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins, short + joined 30 s clips)"
   rm -rf $exp/train
   # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay, long-form,
-  # audio-token clock loss.
+  # audio-token clock loss; evaluated every 325 steps. Another seed: add seed=N (docs/results.md).
   TIMEFORMAT="training CPU time: %U s user + %S s system (%R s wall)"
-  time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps \
-    evaluation.every_n_steps=$((steps / 4)) seed=$seed data.train=$exp/manifests/train.jsonl \
-    evaluation.sets.heldout=$exp/manifests/test.jsonl evaluation.sets.heldout_long=$exp/long/long.jsonl \
-    hydra.run.dir=$exp/train
+  time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps
   touch $exp/train/.done
 fi
 
 if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
   log "Stage 4: AAS of the untrained and the trained aligner on held-out data (+ energy baseline)"
-  sets="recipe.sets.heldout=$exp/manifests/test.jsonl recipe.sets.heldout_long=$exp/long/long.jsonl"
-  $PY -m qwen3asr_train experiment=aligner_synthetic_eval $sets recipe.model_path=$exp/train/model_init \
-    hydra.run.dir=$exp/eval_before
-  $PY -m qwen3asr_train experiment=aligner_synthetic_eval $sets recipe.model_path=$exp/train/export \
-    hydra.run.dir=$exp/eval_after
+  $PY -m qwen3asr_train experiment=aligner_synthetic_eval recipe.model_path=$exp/train/model_init hydra.run.dir=$exp/eval_before
+  $PY -m qwen3asr_train experiment=aligner_synthetic_eval
   echo "before training:"; cat $exp/eval_before/alignment_summary.md
   echo "after training:";  cat $exp/eval_after/alignment_summary.md
 fi
