@@ -121,3 +121,30 @@ def test_engine_flags_its_logprobs_as_the_training_models(ending_model):  # noqa
     assert full_precision(model)
     plain = _rollouts(model, processor, False)
     assert plain.sampled_logprobs is None and not plain.sampled_logprobs_in_process
+
+
+@torch.no_grad()
+def test_audio_embeddings_grouped_by_length_equal_one_batch(tiny_model_and_processor):
+    """Utterances of 1, 2 and 3 encoder chunks: the grouped encoder calls (padding chunks dropped) give each
+    utterance what the one padded batch gives, in row order."""
+    import numpy as np
+
+    from qwen3asr_train.data.dataset import Sample
+    from qwen3asr_train.data.manifest import Utterance
+    from qwen3asr_train.rl.rollout import audio_embeddings
+
+    model, processor = tiny_model_and_processor
+    rng = np.random.default_rng(1)
+    samples = []
+    for i, sec in enumerate((2.6, 0.7, 1.4, 0.6)):
+        utt = Utterance(id=f"u{i}", audio="x.wav", duration=sec, text="alpha", language="English")
+        samples.append(Sample(utt, (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32), i))
+    prompts = build_prompts(processor, samples, SamplingOptions(group_size=2), step=0)
+    chunk = 2 * model.model.audio_tower.n_window
+    chunks = ((prompts.input_features_mask.sum(-1) + chunk - 1) // chunk).tolist()
+    assert len(set(chunks)) == 3, chunks
+    tokens = (prompts.input_ids == model.config.audio_token_id).sum(-1)
+    one_batch = model.model.get_audio_features(prompts.input_features, prompts.input_features_mask).pooler_output
+    grouped = audio_embeddings(model, prompts.input_features, prompts.input_features_mask, tokens)
+    assert grouped.shape == one_batch.shape == (int(tokens.sum()), model.config.text_config.hidden_size)
+    assert torch.allclose(grouped, one_batch, atol=1e-5, rtol=0), float((grouped - one_batch).abs().max())

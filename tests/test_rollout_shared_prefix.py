@@ -157,7 +157,7 @@ def test_prefill_once_per_prompt_and_no_encoder_in_reused_pass(ending_model):
     try:
         rollouts = _rollouts(model, processor, True)
         p = rollouts.prompts.input_ids.shape[1]
-        assert encoder_rows == [3]
+        assert sum(encoder_rows) == 3, "each utterance encoded once (in groups of equal chunk counts)"
         assert decoder_calls[0] == (3, p), "prefill: 3 prompts once, not 12 copies"
         assert all(rows <= 12 and length == 1 for rows, length in decoder_calls[1:]), "then one token per prefix"
         encoder_rows.clear()
@@ -168,7 +168,7 @@ def test_prefill_once_per_prompt_and_no_encoder_in_reused_pass(ending_model):
         decoder_calls.clear()
         with torch.no_grad():
             completion_logprobs(model, rollouts, 1.0, [0, 2], shared_prefix=True)
-        assert encoder_rows == [2] and decoder_calls[0][0] == 2 and decoder_calls[1][0] == 8
+        assert sum(encoder_rows) == 2 and decoder_calls[0][0] == 2 and decoder_calls[1][0] == 8
     finally:
         for h in hooks:
             h.remove()

@@ -169,13 +169,40 @@ def build_prompts(
 
 
 def prompt_embeddings(model: torch.nn.Module, prompts: PromptBatch) -> torch.Tensor:
-    """``(B, P, H)`` prompt embeddings; the audio encoder runs once over the B utterances."""
+    """``(B, P, H)`` prompt embeddings; the audio encoder runs once over each utterance (:func:`audio_embeddings`)."""
     inner = model.model
     embeds = inner.get_input_embeddings()(prompts.input_ids)  # (B, P, H)
-    features = prompts.input_features.to(embeds.dtype)
-    audio = inner.get_audio_features(features, prompts.input_features_mask).pooler_output  # (N_audio, H)
-    slots = (prompts.input_ids == model.config.audio_token_id).unsqueeze(-1)  # (B, P, 1)
-    return embeds.masked_scatter(slots, audio.to(embeds.dtype))
+    slots = prompts.input_ids == model.config.audio_token_id  # (B, P)
+    audio = audio_embeddings(model, prompts.input_features.to(embeds.dtype), prompts.input_features_mask, slots.sum(-1))
+    return embeds.masked_scatter(slots.unsqueeze(-1), audio.to(embeds.dtype))
+
+
+def audio_embeddings(
+    model: torch.nn.Module, features: torch.Tensor, features_mask: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """``(N_audio, H)`` projected audio of B utterances in row order, the encoder run once per group of utterances
+    with the same number of encoder chunks, on those chunks only.
+
+    Why: the encoder convolves every ``2 * n_window``-frame chunk of its ``(B, mels, T)`` input, padding included,
+    and a batch is padded to its longest clip; with the demo's 0.5-3.4 s clips, ~40 % of a rollout batch's chunks
+    were padding. An utterance's output depends on its own frames only (chunks are convolved independently,
+    attention is windowed within the utterance), so grouping changes no result beyond float round-off.
+    ``tokens`` (B,) are the rows' audio placeholder counts, which split each group's output into rows.
+    """
+    inner = model.model
+    chunk = 2 * inner.audio_tower.n_window
+    chunks = ((features_mask.sum(-1) + chunk - 1) // chunk).clamp(min=1)  # (B,)
+    kinds = chunks.unique().tolist()
+    if len(kinds) == 1 and kinds[0] * chunk == features.shape[-1]:
+        return inner.get_audio_features(features, features_mask).pooler_output  # (N_audio, H)
+    rows: list[torch.Tensor | None] = [None] * features.shape[0]
+    for n in kinds:
+        idx = (chunks == n).nonzero().squeeze(1)
+        width = n * chunk
+        out = inner.get_audio_features(features[idx, :, :width], features_mask[idx, :width]).pooler_output
+        for row, part in zip(idx.tolist(), out.split(tokens[idx].tolist()), strict=True):
+            rows[row] = part
+    return torch.cat(rows)  # type: ignore[arg-type]
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
