@@ -460,8 +460,9 @@ def sample_from_prompts(
             hidden = decoder.step(embed(token).to(hidden.dtype))  # (U', H)
         logits = model.lm_head(hidden).float()  # (U, V)
         vocab = logits.shape[-1]
-        seen = torch.stack(generated, 1) if generated else node.new_zeros(rows, 0)
-        probs = torch.softmax(warpers(seen, logits[node]), dim=-1)  # (B*G, V)
+        # temperature, top-k and top-p act on each row alone and never read the tokens so far, so warping the U
+        # prefixes' logits and then gathering rows gives every row what warping its own copy gives
+        probs = torch.softmax(warpers(None, logits), dim=-1)[node]  # (B*G, V)
         token = torch.multinomial(probs, num_samples=1).squeeze(1)  # (B*G,)
         token = torch.where(live, token, pad_id)
         generated.append(token)
