@@ -12,9 +12,11 @@ cd "$(dirname "$0")/../.."
 steps=${DEMO_STEPS:-2000}; exp=exp/demo_sft
 if [ -n "${DEMO_EXP:-}" ]; then exp=$DEMO_EXP; fi
 . recipes/common.sh "$@"
-# glibc returns freed memory at once instead of growing and trimming heaps (system time 60-200 s -> 5-9 s
-# per run in docs/results.md, 2026-11-26)
-export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
+# glibc keeps freed batch tensors in its heap for the next step instead of mapping and unmapping them:
+# allocations below 32 MB come from the heap and the heap is not trimmed. The earlier 128 kB thresholds did
+# the opposite (every tensor over 128 kB mmap'd, page-faulted and unmapped each step): 0.30 of the
+# 0.62 CPU-s of a training step was system time, 0.012 with these (docs/results.md, 2026-12-02 "cheap step").
+export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
   log "Stage 0: synthetic English speech (espeak-ng), cased and punctuated, 24-word vocabulary, 1-4 words per clip:"
