@@ -22,6 +22,7 @@ from qwen3asr_train.eval.align_eval import (
     AlignmentEvaluator,
     align,
     alignment_metrics,
+    bias_by_time_table,
     by_time_table,
     split_long_sample,
     write_alignment_reports,
@@ -138,7 +139,7 @@ def test_aas_by_time_bins_by_reference_boundary_time():
     stats.add("u", ["a", "b", "c"], pred, ref, "dev", "English")
     bins = stats.summary()["dev"]["English"]["by_time"]
     assert list(bins) == ["0-1 s", "1-2 s", "2-5 s", "10-30 s", ">30 s"]  # 5-10 s has no boundary
-    assert bins["0-1 s"] == {"aas_ms": pytest.approx(20.0), "boundaries": 2}
+    assert bins["0-1 s"] == {"aas_ms": pytest.approx(20.0), "boundaries": 2, "bias_ms": pytest.approx(20.0)}
     assert bins["1-2 s"]["aas_ms"] == pytest.approx(40.0) and bins["2-5 s"]["aas_ms"] == pytest.approx(100.0)
     assert bins["10-30 s"]["aas_ms"] == pytest.approx(200.0) and bins[">30 s"]["aas_ms"] == pytest.approx(0.0)
     assert time_drift_ratio(bins) == pytest.approx(10.0)
@@ -150,6 +151,21 @@ def test_aas_by_time_bins_by_reference_boundary_time():
     assert by_time(np.array([5.0]), np.array([1.0])) == {"1-2 s": {"aas_ms": 5.0, "boundaries": 1}}  # edges: [lo, hi)
     assert TIME_BIN_LABELS == ("0-1 s", "1-2 s", "2-5 s", "5-10 s", "10-30 s", ">30 s")
     assert math.isnan(time_drift_ratio({"1-2 s": {"aas_ms": 3.0, "boundaries": 1}}))
+
+
+def test_signed_error_by_time_tells_early_from_late():
+    """pred - ref per bin: two boundaries 50 ms late and 30 ms early in the first second (|.| 40, sign +10),
+    one 400 ms early at 12 s (|.| 400, sign -400): the AAS bins cannot show that the late one is a bias."""
+    stats = AlignmentStats()
+    stats.add("u", ["a", "b"], [(0.55, 0.87), (11.6, 12.8)], [(0.5, 0.9), (12.0, 12.8)], "dev", "English")
+    scores = stats.summary()["dev"]["all"]
+    bins = scores["by_time"]
+    assert bins["0-1 s"]["aas_ms"] == pytest.approx(40.0) and bins["0-1 s"]["bias_ms"] == pytest.approx(10.0)
+    assert bins["10-30 s"]["aas_ms"] == pytest.approx(200.0)  # 12.0 (-400) and 12.8 (0)
+    assert bins["10-30 s"]["bias_ms"] == pytest.approx(-200.0)
+    assert scores["bias_ms"] == pytest.approx((50 - 30 - 400 + 0) / 4)
+    summary = {"model": {"dev": {"all": scores}}}
+    assert "| dev | +10.0 | – | – | – | -200.0 | – |" in bias_by_time_table(summary)
 
 
 def test_reports_show_time_bins_languages_baseline_and_unit_counts(tmp_path):
@@ -182,6 +198,7 @@ def test_reports_show_time_bins_languages_baseline_and_unit_counts(tmp_path):
     )
     assert "val/dev/aas_ms_1to2s" in metrics and "val/dev/aas_time_ratio" in metrics
     assert by_time_table(summary).count("\n") == 2 + 2 * 3  # header + (all, English, German) x (model, baseline)
+    assert "Mean signed error of the model" in md and "| dev | +" in md  # every prediction here is late
 
 
 # ----------------------------------------------------------------------------------------- long clips

@@ -249,6 +249,8 @@ def write_alignment_reports(
         "\nAAS (ms) by the boundary's time in the clip (boundaries in brackets); ratio = worst bin / first second:\n\n"
         + time_table
         + (f"\n![AAS by time in the clip]({picture.name})\n" if picture is not None else "")
+        + "\nMean signed error of the model (pred − ref, ms; negative = placed too early) by the same bins:\n\n"
+        + bias_by_time_table(summary)
     )
     units_md = _unit_policy_md(summary.get("unit_policy"))
     (out_dir / "alignment_summary.md").write_text(heading + table + time_md + units_md + plots_md)
@@ -276,6 +278,16 @@ def by_time_table(summary: dict[str, Any]) -> str:
                     + " | ".join(cells)
                     + f" | {'–' if math.isnan(ratio) else f'{ratio:.2f}'} |"
                 )
+    return "\n".join(lines) + "\n"
+
+
+def bias_by_time_table(summary: dict[str, Any]) -> str:
+    """Markdown: per set (all languages), the model's mean signed error pred − ref in each time bin (ms)."""
+    lines = ["| set | " + " | ".join(TIME_BIN_LABELS) + " |", "|---|" + "---|" * len(TIME_BIN_LABELS)]
+    for set_name, langs in summary["model"].items():
+        bins = langs["all"].get("by_time", {})
+        cells = [f"{bins[k]['bias_ms']:+.1f}" if "bias_ms" in bins.get(k, {}) else "–" for k in TIME_BIN_LABELS]
+        lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

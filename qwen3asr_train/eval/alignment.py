@@ -94,6 +94,7 @@ def boundary_errors_ms(pred: Sequence[Span], ref: Sequence[Span]) -> np.ndarray:
 class _Group:
     errors: list[np.ndarray] = field(default_factory=list)
     times: list[np.ndarray] = field(default_factory=list)  # reference time (s) of each boundary in ``errors``
+    signed: list[np.ndarray] = field(default_factory=list)  # pred - ref (ms) of each boundary in ``errors``
     words: int = 0
     utterances: int = 0
 
@@ -105,8 +106,11 @@ class AlignmentStats:
     ``summary()`` gives, per set and language (and ``"all"`` languages of a set, micro-averaged):
     ``aas_ms`` (mean |pred - ref|), ``median_ms``, ``within_{X}ms`` (share of boundaries with error <= X),
     the counts, and ``by_time``: ``{bin label: {"aas_ms", "boundaries"}}`` over :data:`TIME_BINS_S` by the
-    reference boundary's time in the clip (bins without boundaries are left out). Errors are kept (16 bytes
-    per boundary with their times) so medians and bins are exact.
+    reference boundary's time in the clip (bins without boundaries are left out), each bin also with
+    ``bias_ms``, the mean *signed* error pred − ref (and ``bias_ms`` over the whole set). Why the sign: an
+    aligner that has not learnt absolute time tends to place late words too early (toward the times it saw
+    most), which |error| alone cannot tell from scatter. Errors are kept (24 bytes per boundary with their
+    times and signs) so medians and bins are exact.
     """
 
     thresholds_ms: tuple[float, ...] = THRESHOLDS_MS
@@ -129,6 +133,7 @@ class AlignmentStats:
         group = self._groups[(set_name, language or "None")]
         group.errors.append(errors)
         group.times.append(np.asarray(ref, dtype=np.float64).reshape(-1))
+        group.signed.append(signed_errors_ms(pred, ref))
         group.words += len(words)
         group.utterances += 1
         aas = float(errors.mean()) if errors.size else 0.0
@@ -160,7 +165,9 @@ class AlignmentStats:
             utterances=sum(g.utterances for g in groups),
         )
         times = np.concatenate([t for g in groups for t in g.times]) if groups else np.zeros(0)
-        scores["by_time"] = by_time(errors, times)
+        signed = np.concatenate([d for g in groups for d in g.signed]) if groups else np.zeros(0)
+        scores["bias_ms"] = float(signed.mean()) if signed.size else float("nan")
+        scores["by_time"] = by_time(errors, times, signed)
         return scores
 
     def summary(self) -> dict[str, dict[str, dict[str, float | int]]]:
@@ -173,14 +180,26 @@ class AlignmentStats:
         return out
 
 
-def by_time(errors_ms: np.ndarray, times_s: np.ndarray) -> dict[str, dict[str, float | int]]:
+def signed_errors_ms(pred: Sequence[Span], ref: Sequence[Span]) -> np.ndarray:
+    """``(2W,)`` pred - ref in ms over every start and end (negative: placed too early)."""
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predicted spans for {len(ref)} reference spans")
+    diff = (np.asarray(pred, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).reshape(-1) * 1000.0
+    return np.round(diff, 6)
+
+
+def by_time(
+    errors_ms: np.ndarray, times_s: np.ndarray, signed_ms: np.ndarray | None = None
+) -> dict[str, dict[str, float | int]]:
     """AAS per :data:`TIME_BINS_S` bin of the boundaries' reference times: ``{label: {"aas_ms", "boundaries"}}``,
-    non-empty bins only, in time order."""
+    non-empty bins only, in time order; with ``signed_ms`` (pred - ref) also each bin's ``bias_ms``."""
     out: dict[str, dict[str, float | int]] = {}
     for label, lo, hi in zip(TIME_BIN_LABELS, TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True):
         inside = (times_s >= lo) & (times_s < hi)
         if inside.any():
             out[label] = {"aas_ms": float(errors_ms[inside].mean()), "boundaries": int(inside.sum())}
+            if signed_ms is not None:
+                out[label]["bias_ms"] = float(signed_ms[inside].mean())
     return out
 
 
