@@ -8,17 +8,20 @@ steps over B·G rows, and the log-probability passes. Two paths exist, chosen by
   is repeated G times along the batch dimension and the G continuations are sampled from it with our
   own loop (:func:`sample_from_prompts`: the same logits processors, ``softmax`` and
   ``torch.multinomial`` per step as transformers' ``generate``, so with one seed both paths draw the
-  same tokens). Log-probabilities are computed the same way: one prompt prefill per group, then one
-  forward of the B·G completions over the repeated cache (:func:`completion_logprobs`). The behaviour
-  (old) log-prob pass, which runs right after sampling with the same weights and dropout off, reuses
-  the rollout's prompt state outright (no encoder, no prefill): ``Rollouts.prompt_state``. The update
-  pass recomputes everything, since it needs gradients and the weights change between minibatches.
+  same tokens). The sampling steps use the lean decode step of :mod:`qwen3asr_train.rl.fast_decode`
+  (``recipe.fast_decode``) and run once per distinct live prefix. Log-probabilities are computed the same
+  way: one prompt prefill per group, then one forward of the B·G completions over the repeated cache
+  (:func:`completion_logprobs`). The behaviour (old) log-probs are the sampler's own when the engine computed
+  them in this process in float32 (``Rollouts.sampled_logprobs_in_process``: the same numbers up to float
+  round-off); otherwise the old log-prob pass, which runs right after sampling with the same weights and
+  dropout off, reuses the rollout's prompt state outright (no encoder, no prefill): ``Rollouts.prompt_state``.
+  The update pass recomputes everything, since it needs gradients and the weights change between minibatches.
 * **plain** (``recipe.shared_prefix=false``, the earlier path, kept for comparison and as a fallback):
   the prompt embeddings are repeated G times and passed to ``generate``, and every log-prob pass
   re-encodes the audio and re-runs the B·G full prompt+completion sequences.
 
 Both paths run the audio encoder once per utterance in generation (``generate(num_return_sequences=G)``
-would repeat ``input_features`` G times). Positions are ``cumsum(attention_mask) − 1`` (what generation
+would repeat ``input_features`` G times), on its own chunks only (:func:`audio_embeddings`). Positions are ``cumsum(attention_mask) − 1`` (what generation
 uses for left-padded prompts); logits are divided by the sampling temperature; the LM head is evaluated
 only where a completion token is predicted. ``benchmarks/gspo_step_cost.py`` measures both paths.
 
