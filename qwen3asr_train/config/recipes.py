@@ -83,6 +83,9 @@ class SFTConfig(SFTAugmentation):
     """Optimizer and schedule."""
     ctc_weight: float = 0.0
     """Auxiliary CTC loss weight on the projector output (helps models trained from scratch; 0 = off)."""
+    ctc_skip_punctuation: bool = False
+    """Drop tokens that are only punctuation from the CTC targets (the decoder's CE still trains them): the
+    encoder then learns words, not where a comma or question mark goes, which the audio barely shows."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (the newest intact checkpoint of this run directory, or a fresh start),
     ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""

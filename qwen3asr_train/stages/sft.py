@@ -14,6 +14,8 @@ bf16 weights) is refused unless ``trainer.allow_low_precision_weights`` (see doc
 from __future__ import annotations
 
 import logging
+import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,16 @@ class SFTModule(training.SummedValidation, L.LightningModule):
     """Token cross-entropy over target tokens, normalised per optimizer step (module docstring)."""
 
     def __init__(
-        self, model: AsrModel, recipe: SFTConfig, total_steps: int, pad_id: int, asr_text_id: int, im_end_id: int
+        self,
+        model: AsrModel,
+        recipe: SFTConfig,
+        total_steps: int,
+        pad_id: int,
+        asr_text_id: int,
+        im_end_id: int,
+        ctc_drop_ids: Iterable[int] = (),
     ) -> None:
+        """``ctc_drop_ids``: token ids left out of the CTC targets (``recipe.ctc_skip_punctuation``)."""
         super().__init__()
         self.model = model
         self.recipe = recipe
@@ -55,6 +65,7 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         self.pad_id = pad_id
         self.asr_text_id = asr_text_id
         self.im_end_id = im_end_id
+        self.ctc_drop_ids = torch.tensor(sorted(set(ctc_drop_ids)), dtype=torch.long)  # (D,)
         self.norm = training.StepNormaliser()
         self.flops = training.ModelFlops.from_model(model)
         self.peak_tflops = 0.0  # trainer.peak_tflops (set by prepare); 0: from the device name
@@ -81,14 +92,17 @@ class SFTModule(training.SummedValidation, L.LightningModule):
 
     def _ctc_targets(self, labels: list[torch.Tensor]) -> list[torch.Tensor]:
         """Transcript tokens of each clip (its labels, one tensor per clip): the target after ``<asr_text>``
-        without the final ``<|im_end|>``."""
+        without the final ``<|im_end|>`` (and without ``ctc_drop_ids``)."""
         targets = []
         for row in labels:
             ids = row[row != -100]
             hits = (ids == self.asr_text_id).nonzero()
             if len(hits):
                 ids = ids[int(hits[0]) + 1 :]
-            targets.append(ids[ids != self.im_end_id])
+            ids = ids[ids != self.im_end_id]
+            if len(self.ctc_drop_ids):
+                ids = ids[~torch.isin(ids, self.ctc_drop_ids.to(ids.device))]
+            targets.append(ids)
         return targets
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -173,9 +187,25 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         tok.pad_token_id,
         tok.convert_tokens_to_ids(ASR_TEXT),
         tok.convert_tokens_to_ids(IM_END),
+        punctuation_token_ids(tok) if recipe.ctc_skip_punctuation and recipe.ctc_weight > 0 else (),
     )
     module.peak_tflops = cfg.trainer.peak_tflops
     return module, datamodule, trainer, processor
+
+
+def punctuation_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokens whose text is only punctuation (Unicode category P*, e.g. ``,`` ``?`` ``。``), spaces
+    around it allowed; special tokens excluded. What ``recipe.ctc_skip_punctuation`` drops from CTC targets."""
+    special = set(tokenizer.all_special_ids)
+    ids = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        text = tokenizer.decode([i]).strip()
+        if text and all(unicodedata.category(c).startswith("P") for c in text):
+            ids.append(i)
+    log.info("CTC targets leave out %d punctuation tokens", len(ids))
+    return ids
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
