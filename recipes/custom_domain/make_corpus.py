@@ -5,8 +5,8 @@ Why these three files:
 
 * ``domain/{train,test}.jsonl``: English speech whose words are the general corpus's 24 words plus
   :data:`DOMAIN_WORDS`, ten medical terms the base model never heard or wrote (about 3 words in 10 are
-  domain terms; 1-4 words per clip, the general corpus's voices and speaking rates, sentence case and
-  punctuation). Every row carries the domain's hot words as ``context`` (``"aspirin, insulin, ..."``), which
+  domain terms; 1-4 words per clip, the general corpus's speaking rates, all 26 English voice/variant pairs
+  (also the demo's held-out ``+m3``/``+f3``), sentence case and punctuation). Every row carries the domain's hot words as ``context`` (``"aspirin, insulin, ..."``), which
   SFT and the evaluation put in the system turn of the prompt. ``test`` is held out: other sentences, not
   other voices.
 * ``domain/test_nocontext.jsonl``: the same test rows without ``context``, so the report separates what the
