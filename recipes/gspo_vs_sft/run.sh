@@ -4,7 +4,8 @@
 #   recipes/gspo_vs_sft/run.sh [--stage N --stop-stage M]
 # Environment: START (export to start from), TRAIN/HELDOUT/UNSEEN (manifests), GSPO_STEPS, SFT_STEPS, GSPO_LR,
 # SFT_LR. The step counts are chosen so that both runs take about the same CPU time (measured with
-# /usr/bin/time into <run>/cpu_time.txt: user + system seconds of the run and its loader worker).
+# /usr/bin/time into <run>/cpu_time.txt: user + system seconds of the run and its loader worker); on the demo
+# export 1,200 GSPO steps took 199 CPU-s and 520 SFT steps 201 CPU-s (docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exp=${EXP:-exp/gspo_vs_sft}
@@ -12,7 +13,7 @@ start=${START:-exp/demo_sft/export/native}
 train=${TRAIN:-exp/demo_sft/corpus/train.jsonl}
 heldout=${HELDOUT:-exp/demo_sft/corpus/test.jsonl}
 unseen=${UNSEEN:-exp/demo_s/corpus/test_unseen.jsonl}
-gspo_steps=${GSPO_STEPS:-1200}; sft_steps=${SFT_STEPS:-300}
+gspo_steps=${GSPO_STEPS:-1200}; sft_steps=${SFT_STEPS:-520}
 gspo_lr=${GSPO_LR:-1e-4}; sft_lr=${SFT_LR:-3e-4}
 . recipes/common.sh "$@"
 timed() { local out=$1; shift; /usr/bin/time -f "%U %S %e" -o "$out" "$@"; }
