@@ -105,6 +105,12 @@ def test_unsupported_decoders_and_grad_mode_raise(tiny_model_and_processor):
     assert lean_decode_unsupported(lm) is None
     with pytest.raises(RuntimeError, match="no_grad"):
         LeanDecoder(lm, state, 4)
+    lm.train()
+    for layer in lm.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with torch.no_grad(), pytest.raises(RuntimeError, match="attention dropout"):
+        LeanDecoder(lm, state, 4)
+    lm.eval()
     lm.config.layer_types = ["sliding_attention"] * len(lm.layers)
     with torch.no_grad(), pytest.raises(ValueError, match=r"sliding_attention.*recipe.fast_decode=false"):
         LeanDecoder(lm, state, 4)
