@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
@@ -341,6 +341,7 @@ def detect_repetition(
     min_span: int = 10,
     max_units_per_second: float | None = None,
     slack_units: int = 5,
+    units: Sequence[str] | None = None,
 ) -> RepetitionReport:
     """Flag hallucination loops and outputs longer than the audio can hold, on normalised error units.
 
@@ -349,13 +350,15 @@ def detect_repetition(
     times ("no no no"), the span rule stops "哈哈哈哈哈" (5 units) from counting. Length: more than
     ``max_units_per_second * audio_seconds + slack_units`` units, with the rate from
     ``DEFAULT_MAX_UNITS_PER_SECOND`` (6 words/s, 12 characters/s, 25 for Thai) unless given; the slack
-    keeps very short clips from being flagged for a couple of words.
+    keeps very short clips from being flagged for a couple of words. ``units``: the text's normalised error
+    units when the caller has them already (the GSPO rewards score many completions and normalise each once);
+    they must come from the same normaliser and unit.
     """
     if max_ngram < 1 or min_repeats < 2 or min_span < 1 or slack_units < 0:
         raise ValueError("need max_ngram >= 1, min_repeats >= 2, min_span >= 1, slack_units >= 0")
     opts = options or NormalizerOptions()
     chosen = unit_for_language(language, unit)
-    tokens = tokenize(opts.apply(text, language), chosen)
+    tokens = list(units) if units is not None else tokenize(opts.apply(text, language), chosen)
     n, repeats, start = longest_repeat(tokens, max_ngram, min_repeats)
     loop = repeats >= min_repeats and n * repeats >= min_span
     rate = max_units = None

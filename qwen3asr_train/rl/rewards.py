@@ -37,7 +37,7 @@ import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -62,36 +62,23 @@ def _normalised(text: str, language: str | None, options: NormalizerOptions) -> 
     demo-scale GSPO rollout's reward phase per 64 completions), and both the error units and the repetition check
     of a hypothesis need the same normalised string.
     """
-    return NormalizerOptions.apply(options, text, language)
-
-
-@dataclass(frozen=True)
-class _MemoisedOptions(NormalizerOptions):
-    """The same normaliser options, whose ``apply`` goes through :func:`_normalised` (handed to
-    :func:`metrics.detect_repetition`, so its normalisation of a hypothesis is the one the error units used)."""
-
-    def apply(self, text: str, language: str | None) -> str:
-        return _normalised(text, language, _plain_options(self))
-
-
-def _plain_options(options: NormalizerOptions) -> NormalizerOptions:
-    return NormalizerOptions(**{f.name: getattr(options, f.name) for f in fields(NormalizerOptions)})
+    return options.apply(text, language)
 
 
 @functools.lru_cache(maxsize=8192)
 def _units(text: str, language: str | None, unit: str, options: NormalizerOptions) -> tuple[str, ...]:
     """Normalised error units of ``text`` (memoised: a group shares its reference and often its hypotheses)."""
-    return tuple(metrics.tokenize(_normalised(text, language, _plain_options(options)), unit))
+    return tuple(metrics.tokenize(_normalised(text, language, options), unit))
 
 
 @functools.lru_cache(maxsize=8192)
 def _repetition(
     text: str, language: str | None, audio_seconds: float | None, unit: str, options: NormalizerOptions
 ) -> RepetitionReport:
-    """Memoised :func:`metrics.detect_repetition` with its default thresholds (normalisation shared with
-    :func:`_units`)."""
-    memo = _MemoisedOptions(**{f.name: getattr(options, f.name) for f in fields(NormalizerOptions)})
-    return metrics.detect_repetition(text, language, audio_seconds, unit=unit, options=memo)
+    """Memoised :func:`metrics.detect_repetition` with its default thresholds, on the units of
+    :func:`_units` (each distinct string is normalised once)."""
+    units = _units(text, language, unit, options)
+    return metrics.detect_repetition(text, language, audio_seconds, unit=unit, options=options, units=units)
 
 
 @dataclass(frozen=True)
