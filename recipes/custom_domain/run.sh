@@ -17,8 +17,8 @@ steps=${CUSTOM_STEPS:-400}; exp=exp/custom_domain
 if [ -n "${CUSTOM_EXP:-}" ]; then exp=$CUSTOM_EXP; fi
 demo=${DEMO_EXP:-exp/demo_sft}
 . recipes/common.sh "$@"
-# as in the demo: glibc returns freed memory at once (docs/results.md, 2026-11-26)
-export MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
+# as in the demo: batch tensors stay in the heap instead of being mapped and unmapped every step (docs/decisions.md)
+export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ] && [ ! -f $exp/base/.done ]; then
   log "Stage 0: the base model (general synthetic English, 24 words) and its general train/held-out manifests"
