@@ -60,7 +60,7 @@ def measure(corpus: Path, overrides: list[str], steps: int, ops: bool) -> dict[s
             overrides=[
                 "experiment=demo_sft",
                 f"data.train={corpus / 'train.jsonl'}",
-                "evaluation.sets={}",
+                "~evaluation.sets.heldout",  # the demo config names exp/demo_sft/corpus/test.jsonl
                 "data.num_workers=0",
                 f"run_dir={run_dir}",
                 *overrides,
