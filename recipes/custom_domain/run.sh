@@ -13,7 +13,7 @@
 #   DOMAIN_TRAIN= DOMAIN_TEST=    your domain manifests (rows may carry `context`), used instead of stage 1's corpus
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${CUSTOM_STEPS:-400}; exp=exp/custom_domain
+steps=${CUSTOM_STEPS:-1200}; exp=exp/custom_domain
 if [ -n "${CUSTOM_EXP:-}" ]; then exp=$CUSTOM_EXP; fi
 demo=${DEMO_EXP:-exp/demo_sft}
 . recipes/common.sh "$@"
