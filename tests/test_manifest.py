@@ -24,6 +24,7 @@ from qwen3asr_train.data.manifest import (
     ManifestError,
     RowChecks,
     SkipReport,
+    read_jsonl,
     read_manifest,
     read_manifests,
 )
@@ -571,3 +572,14 @@ def test_hf_source_missing_language_column_is_a_clear_error(tmp_path: Path):
         assert "language" in str(exc)
     else:
         assert [u.language for u in items] == ["German"] * 3
+
+
+def test_read_jsonl_returns_the_values_and_names_a_bad_line(tmp_path: Path) -> None:
+    good = tmp_path / "results-x.jsonl"
+    # BOM on line 1, a blank line, a non-ASCII string: written by hand, read back value for value
+    good.write_bytes('\ufeff{"id": "a", "n": 1}\n\n{"id": "b", "text": "über"}\n'.encode())
+    assert read_jsonl(good) == [{"id": "a", "n": 1}, {"id": "b", "text": "über"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n{"id": \n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=rf"{bad}:2: malformed JSON"):
+        read_jsonl(bad)

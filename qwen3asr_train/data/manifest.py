@@ -188,6 +188,18 @@ def json_line(raw: bytes, where: str, line_no: int) -> Any:
         raise ManifestError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})", "malformed_json") from None
 
 
+def read_jsonl(path: str | Path) -> list[Any]:
+    """Every JSON value of a small JSONL file (a manifest to copy, an evaluation's ``results-<set>.jsonl``),
+    blank lines skipped; a bad line is a :class:`ManifestError` naming ``path:line``.
+
+    Why one reader: recipes' report scripts and re-scoring read these files too, and each hand-written
+    ``json.loads`` loop reported a broken line without its place. Training data goes through the manifest
+    readers instead (validation, skip policy, lazy streaming).
+    """
+    path = Path(path)
+    return [json_line(raw, f"{path}:{n}", n) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
+
+
 def parse_row(row: Any, where: str, base_dir: Path, checks: RowChecks, index: int) -> Utterance:
     """Validate one decoded JSON row; raise :class:`ManifestError` (prefixed with ``where``) if unusable."""
     if not isinstance(row, dict):

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qwen3asr_train.data.manifest import read_jsonl
 from qwen3asr_train.eval.metrics import (
     METRIC_NAMES,
     AlignOp,
@@ -507,7 +508,7 @@ def rescore_recogs(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{path} is not a recogs-<set>.txt file")
     set_name = path.name[len("recogs-") : -len(".txt")]
     jsonl = path.with_name(f"results-{set_name}.jsonl")
-    info = {rec["id"]: rec for rec in map(json.loads, jsonl.read_text(encoding="utf-8").splitlines()) if rec}
+    info = {rec["id"]: rec for rec in read_jsonl(jsonl)}
     fields: dict[str, dict[str, str]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line:

@@ -25,17 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's package, uninstalled
 
+from qwen3asr_train.data.manifest import read_jsonl  # noqa: E402
 from qwen3asr_train.eval.metrics import ErrorCounts, score_utterance  # noqa: E402
 from qwen3asr_train.eval.normalize import NormalizerOptions  # noqa: E402
 from qwen3asr_train.eval.plots import load_summary, write_before_after  # noqa: E402
 
 MODELS = {"base": "base", "ft_domain": "(a) domain only", "ft_replay": "(b) domain + replay"}
 SETS = ("domain", "domain_nocontext", "general")
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of one ``results-<set>.jsonl``."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def error_rates(rows: list[dict]) -> dict[str, float]:
@@ -71,7 +67,7 @@ def term_recall(rows: list[dict], contexts: dict[str, str]) -> tuple[int, int]:
 
 def manifest_contexts(manifest: Path) -> dict[str, str]:
     """Utterance id -> ``context`` of a manifest's rows (rows without one are left out)."""
-    return {r["id"]: r["context"] for r in read_rows(manifest) if r.get("context")}
+    return {r["id"]: r["context"] for r in read_jsonl(manifest) if r.get("context")}
 
 
 def collect(exp: Path) -> dict[str, dict]:
@@ -86,7 +82,7 @@ def collect(exp: Path) -> dict[str, dict]:
         for name in SETS:
             path = folder / f"results-{name}.jsonl"
             if path.is_file():
-                rows = read_rows(path)
+                rows = read_jsonl(path)
                 entry[name] = error_rates(rows)
                 if name.startswith("domain"):
                     entry["recall" if name == "domain" else "recall_nocontext"] = term_recall(rows, contexts)

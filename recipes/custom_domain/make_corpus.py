@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's package, uninstalled
 
+from qwen3asr_train.data.manifest import read_jsonl  # noqa: E402
 from qwen3asr_train.tools.synthetic import VOCABULARIES, make_corpus  # noqa: E402
 
 log = logging.getLogger("custom_domain.make_corpus")
@@ -85,7 +86,7 @@ def write_replay(general_train: Path, out: Path, n: int, seed: int = 0) -> int:
     Raises:
         ValueError: when the general set has fewer than ``n`` rows (the replay ratio would silently change).
     """
-    rows = [json.loads(line) for line in general_train.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(general_train)
     if n > len(rows):
         raise ValueError(f"{general_train}: {len(rows)} rows, fewer than the {n} replay rows asked for")
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
@@ -98,7 +99,7 @@ def write_replay(general_train: Path, out: Path, n: int, seed: int = 0) -> int:
 
 def write_without_context(manifest: Path, out: Path) -> int:
     """Copy ``manifest`` to ``out`` with every row's ``context`` removed; returns the row count."""
-    rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(manifest)
     for row in rows:
         row.pop("context", None)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -12,12 +12,12 @@ Usage: python recipes/demo_sft/compare.py exp/demo_sft
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's package, uninstalled
 
+from qwen3asr_train.data.manifest import read_jsonl  # noqa: E402
 from qwen3asr_train.eval.metrics import ErrorCounts, score_utterance  # noqa: E402
 from qwen3asr_train.eval.plots import load_summary, read_metrics_csv, write_before_after, write_run_plots  # noqa: E402
 
@@ -33,8 +33,7 @@ def error_rates(results_jsonl: Path) -> dict[str, float]:
     WER equals the summary's and the CER counts the same decoded output in characters.
     """
     totals: dict[str, ErrorCounts] = {"word": ErrorCounts(), "char": ErrorCounts()}
-    for line in results_jsonl.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(results_jsonl):
         for unit in totals:
             totals[unit] = (
                 totals[unit] + score_utterance(row["reference"], row["text"] or "", row["language"], unit=unit).counts
@@ -50,10 +49,8 @@ def main(exp: Path) -> int:
         for when in ("before", "after")
     }
     for name in sets:
-        rows = {
-            json.loads(line)["id"]: json.loads(line) for line in open(exp / "eval_before" / f"results-{name}.jsonl")
-        }
-        later = [json.loads(line) for line in open(exp / "eval_after" / f"results-{name}.jsonl")]
+        rows = {row["id"]: row for row in read_jsonl(exp / "eval_before" / f"results-{name}.jsonl")}
+        later = read_jsonl(exp / "eval_after" / f"results-{name}.jsonl")
         print(f"\n{name} set ({SETS[name]}): reference / before training / after training")
         for row in later[:3]:
             print(f"  ref   : {row['reference']}")

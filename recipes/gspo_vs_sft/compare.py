@@ -7,10 +7,10 @@ Usage: ``python recipes/gspo_vs_sft/compare.py exp/gspo_vs_sft [--systems start,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from qwen3asr_train.data.manifest import read_jsonl
 from qwen3asr_train.rl.bootstrap import paired_bootstrap
 
 SYSTEMS = "start,gspo,sft"
@@ -20,17 +20,15 @@ SYSTEMS = "start,gspo,sft"
 def read_results(path: Path) -> dict[str, tuple[int, int]]:
     """Utterance id -> (errors, reference units) of the speech rows of one evaluation results file."""
     out: dict[str, tuple[int, int]] = {}
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                counts = row["counts"]
-                errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
-                units = counts["ref_units"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not an evaluation result row ({err})") from err
-            if units > 0:
-                out[row["id"]] = (int(errors), int(units))
+    for number, row in enumerate(read_jsonl(path), 1):
+        try:
+            counts = row["counts"]
+            errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+            units = counts["ref_units"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: row {number}: not an evaluation result row ({err})") from err
+        if units > 0:
+            out[row["id"]] = (int(errors), int(units))
     return out
 
 
