@@ -440,6 +440,21 @@ class AlignerConfig:
     total is ``mean slot CE + w x mean clock CE`` per step. 0 = off (the loss is exactly the slot loss)."""
     audio_clock_fraction: float = 1.0
     """Share of the audio tokens the clock loss labels (a random subset per step; bounds its cost on long inputs)."""
+    attn_sup_weight: float = 0.0
+    """Auxiliary attention-supervision loss (training only, export unchanged): at every slot, one decoder head's
+    attention (``attn_sup_layer``, ``attn_sup_head``) is trained by cross-entropy to put its mass on the audio
+    tokens at the slot's boundary time (a Gaussian of ``attn_sup_sigma_ms`` over the tokens' centres). Added as
+    weight x its mean CE per slot. 0 = off (the loss is exactly the slot loss)."""
+    attn_sup_layer: int = -1
+    """Decoder layer whose attention is supervised (negative counts from the last)."""
+    attn_sup_head: int = 0
+    """Head of that layer whose attention is supervised; -1 = the mean of the layer's heads' attention."""
+    attn_sup_sigma_ms: float = 80.0
+    """Width (std, ms) of the attention target over the audio-token centres around the boundary time."""
+    slot_prior_tau: float = 0.0
+    """Logit adjustment of the slot loss (training only): the slot CE is computed on ``logits + tau x log p(c)``
+    with ``p`` the slot labels' class frequencies in one training epoch (add-one smoothed), so the raw logits
+    used at inference are corrected for the steep slot-time prior. 0 = off (the loss is exactly the slot loss)."""
     concat_max_seconds: float = 0.0
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
@@ -468,6 +483,10 @@ class AlignerConfig:
         _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
         _require(self.audio_clock_weight >= 0, "recipe.audio_clock_weight", "must be >= 0")
         _require(0.0 < self.audio_clock_fraction <= 1.0, "recipe.audio_clock_fraction", "must be in (0, 1]")
+        _require(self.attn_sup_weight >= 0, "recipe.attn_sup_weight", "must be >= 0")
+        _require(self.attn_sup_head >= -1, "recipe.attn_sup_head", "must be a head index or -1 (mean of heads)")
+        _require(self.attn_sup_sigma_ms > 0, "recipe.attn_sup_sigma_ms", "must be > 0")
+        _require(self.slot_prior_tau >= 0, "recipe.slot_prior_tau", "must be >= 0")
 
 
 @dataclass

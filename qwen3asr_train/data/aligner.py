@@ -414,6 +414,34 @@ class LongFormDataset(UtteranceDataset):
         return Sample(merged[0].utt, merged[0].audio, index)
 
 
+def slot_class_counts(dataset: UtteranceDataset, num_classes: int, segment_ms: float = SEGMENT_MS) -> np.ndarray:
+    """``(num_classes,)`` slot labels per time class in one epoch of ``dataset`` with every word slotted.
+
+    Why: the slot-time prior of the training data is steep (short clips dominate: a class late in a 30 s item
+    gets ~10x fewer labels than an early one), and logit adjustment (``recipe.slot_prior_tau``) divides it out.
+    Counted from the manifest times without decoding audio: a :class:`LongFormDataset`'s joined item offsets
+    each piece by the manifest durations of the pieces before it plus the gaps (the decoded audio may differ by
+    a few ms, well inside a class).
+    """
+    counts = np.zeros(num_classes, dtype=np.int64)
+
+    def add(words: Sequence[AlignedWord] | None, shift: float) -> None:
+        for w in words or []:
+            for t in (w.start, w.end):
+                counts[time_to_class(t + shift, segment_ms, num_classes=num_classes)] += 1
+
+    utterances = dataset.base.utterances if isinstance(dataset, LongFormDataset) else dataset.utterances
+    for utt in utterances:
+        add(utt.words, 0.0)
+    if isinstance(dataset, LongFormDataset):
+        for group in dataset.groups:
+            shift = 0.0
+            for j in group:
+                add(utterances[j].words, shift)
+                shift += utterances[j].duration + dataset.gap_seconds
+    return counts
+
+
 UNIT_POLICIES = ("resplit", "skip", "strict")
 """What happens to a row whose word times are not cut into the aligner's word units (``recipe.on_unit_mismatch``):
 

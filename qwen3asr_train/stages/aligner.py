@@ -16,12 +16,20 @@ Audio-token clock (``recipe.audio_clock_weight``, training only): the same head,
 the mel frames it summarises). Those outputs are unused at inference, so the exported model is unchanged;
 the loss gives the decoder hundreds of absolute-time labels per clip instead of a few slots
 (:func:`audio_clock_targets`, docs/aligner.md).
+
+Attention supervision (``recipe.attn_sup_weight``, training only): at every slot, one decoder head's attention
+(recomputed for the slot queries from the layer's own projections, q/k norms and rotary) is trained to put its
+mass on the audio tokens at the slot's boundary time. Why: the clock loss teaches every audio token its
+absolute time, but a slot that does not find its boundary token falls back to the early times most training
+slots have; this tells it densely which token to read (:func:`slot_attention_log_probs`, docs/aligner.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ from qwen3asr_train.data.aligner import (
     LongFormDataset,
     UnitPolicyReport,
     max_addressable_seconds,
+    slot_class_counts,
     usable_for_alignment,
     usable_samples,
 )
@@ -141,6 +150,110 @@ def audio_clock_ce(
     return loss, error.detach()
 
 
+@contextlib.contextmanager
+def capture_attention_inputs(attn: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """Record the inputs of ``attn`` (a decoder layer's ``self_attn``) on the forwards run inside the block.
+
+    Yields a dict filled with ``hidden_states`` ``(R, L, H)`` (the attention's input, after the layer's input
+    norm) and ``position_embeddings`` (the ``(cos, sin)`` the layer's rotary uses). Why a hook and not the
+    layer's output attentions: the training forward uses sdpa (no weights), and the slot rows are all that is
+    needed, so they are recomputed from exactly the tensors the layer saw (gradients flow through them).
+    """
+    store: dict[str, Any] = {}
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        store["hidden_states"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        store["position_embeddings"] = kwargs["position_embeddings"]
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def attention_key_mask(batch: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(S, L)`` bool: the keys the query at ``(rows[s], positions[s])`` attends to in the model's forward.
+
+    Causal, restricted to real tokens (padded batch) or to the query's own clip (packed batch), as the
+    attention mask ``training.backbone_hidden`` passes.
+    """
+    width = batch["input_ids"].shape[1]
+    keys = torch.arange(width, device=positions.device)  # (L,)
+    causal = keys[None, :] <= positions[:, None]  # (S, L)
+    if PACKED_KEY in batch:
+        segments = batch["segment_ids"]  # (R, L)
+        same = segments[rows] == segments[rows, positions][:, None]  # (S, L)
+    else:
+        same = batch["attention_mask"][rows].bool()  # (S, L)
+    return causal & same
+
+
+def boundary_attention_targets(
+    batch: dict, audio_token_id: int, rows: torch.Tensor, positions: torch.Tensor, sigma_ms: float
+) -> torch.Tensor:
+    """``(S, L)`` attention targets of the slots: a Gaussian over their clip's audio-token centres.
+
+    Slot ``s``'s boundary time is its label's class centre (``label x 80 ms``; the class is what the slot must
+    output). Each audio token of the same clip gets ``exp(-(centre - t)^2 / 2 sigma^2)`` with ``centre`` its own
+    time (:func:`audio_token_centres_ms`), normalised over the clip's tokens (a softmax, so a boundary beyond the
+    audio still puts its mass on the nearest tokens); every other position gets 0.
+    """
+    ids = batch["input_ids"]
+    segments = batch.get(PACKED_KEY)
+    mask, centres = audio_clock_targets(ids, audio_token_id, segments)
+    centre_ms = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (R, L)
+    centre_ms[mask] = (centres * SEGMENT_MS).float().to(ids.device)
+    if segments is None:
+        own = mask[rows]  # (S, L) the row is the clip
+    else:
+        own = mask[rows] & (segments[rows] == segments[rows, positions][:, None])  # (S, L)
+    boundary = batch["labels"][rows, positions].float() * SEGMENT_MS  # (S,)
+    score = -0.5 * ((centre_ms[rows] - boundary[:, None]) / sigma_ms) ** 2  # (S, L)
+    return torch.softmax(score.masked_fill(~own, float("-inf")), dim=-1)
+
+
+def slot_attention_log_probs(
+    attn: torch.nn.Module,
+    captured: dict[str, Any],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    allowed: torch.Tensor,
+    head: int,
+) -> torch.Tensor:
+    """``(S, L)`` log attention weights of the query at each slot, as the layer's eager attention computes them.
+
+    Recomputed from the layer's captured input (:func:`capture_attention_inputs`) with its own ``q_proj``,
+    ``k_proj``, ``q_norm``, ``k_norm`` and rotary (``apply_rotary_pos_emb`` of the attention class's module),
+    scaled by ``attn.scaling`` and softmaxed over ``allowed`` keys (:func:`attention_key_mask`); grouped-query
+    heads read key head ``h // groups``. Only the slot queries are computed: S x L scores, not L x L.
+
+    Args:
+        head: the query head, or -1 for the mean of all heads' attention weights.
+
+    Masked keys get log weight ``finfo.min`` (weight 0), not ``-inf``, so ``0 x log p`` stays 0.
+    """
+    hidden = captured["hidden_states"]  # (R, L, H)
+    cos, sin = captured["position_embeddings"]  # each (R or 1, L, d)
+    num_rows, width = hidden.shape[:2]
+    cos, sin = cos.expand(num_rows, -1, -1), sin.expand(num_rows, -1, -1)
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    d = attn.head_dim
+    q = attn.q_norm(attn.q_proj(hidden[rows, positions]).view(rows.shape[0], -1, d))  # (S, nh, d)
+    k = attn.k_norm(attn.k_proj(hidden).view(num_rows, width, -1, d))  # (R, L, nkv, d)
+    q, _ = rotary(q, q, cos[rows, positions], sin[rows, positions], unsqueeze_dim=1)  # (S, nh, d)
+    _, k = rotary(k, k, cos, sin, unsqueeze_dim=2)  # (R, L, nkv, d)
+    heads = list(range(q.shape[1])) if head < 0 else [head]
+    kv = torch.tensor([h // attn.num_key_value_groups for h in heads], device=k.device)  # (h,)
+    q = q[:, heads]  # (S, h, d)
+    scores = torch.einsum("shd,slhd->shl", q, k[rows][:, :, kv]) * attn.scaling  # (S, h, L)
+    scores = scores.float().masked_fill(~allowed[:, None, :], torch.finfo(torch.float32).min)
+    logp = scores.log_softmax(-1)  # (S, h, L)
+    if head >= 0:
+        return logp[:, 0]
+    return torch.logsumexp(logp, dim=1) - torch.log(torch.tensor(float(len(heads))))
+
+
 class AlignerModule(training.SummedValidation, L.LightningModule):
     """Non-shifted slot cross-entropy, normalised per optimizer step (module docstring)."""
 
@@ -158,6 +271,15 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         self.special_ids = list(special_ids)
         if recipe.ctc_weight > 0 and not self.special_ids:
             raise ValueError("recipe.ctc_weight > 0 needs the special token ids (blank first)")
+        if recipe.attn_sup_weight > 0:
+            text = model.config.text_config
+            layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+            if not -layers <= recipe.attn_sup_layer < layers or recipe.attn_sup_head >= heads:
+                raise ValueError(
+                    f"recipe.attn_sup_layer={recipe.attn_sup_layer} / attn_sup_head={recipe.attn_sup_head}: "
+                    f"the decoder has {layers} layers of {heads} heads"
+                )
+        self.slot_log_prior: torch.Tensor | None = None  # (C,) set by set_slot_prior when slot_prior_tau > 0
         self.norm = training.StepNormaliser()
         self.flops = training.ModelFlops.from_model(model)
         self.peak_tflops = 0.0  # trainer.peak_tflops (set by prepare); 0: from the device name
@@ -165,10 +287,41 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.score(self.model.dropout(hidden))
 
+    def set_slot_prior(self, counts: Any) -> None:
+        """Slot labels per class in one training epoch (:func:`slot_class_counts`), for the logit adjustment.
+
+        Add-one smoothing keeps classes no slot reaches finite (their adjustment is the largest)."""
+        counts = torch.as_tensor(counts, dtype=torch.float64) + 1.0  # (C,)
+        if counts.shape != (int(self.model.config.num_labels),):
+            raise ValueError(f"slot prior has {counts.shape} classes, the head {self.model.config.num_labels}")
+        self.slot_log_prior = (counts / counts.sum()).log().float()
+
+    def _slot_head(self) -> Any:
+        """The head the slot loss uses: logit-adjusted while training with ``recipe.slot_prior_tau > 0``.
+
+        Why: when a slot is unsure, a plain softmax falls back on the times most training slots have (early
+        ones); training on ``logits + tau log p`` makes the raw logits (what inference decodes) carry the
+        evidence with the prior divided out (logit adjustment, Menon et al. 2021)."""
+        tau = self.recipe.slot_prior_tau
+        if tau <= 0 or not self.training:
+            return self._head
+        if self.slot_log_prior is None:
+            raise ValueError("recipe.slot_prior_tau > 0 needs the training slot prior (AlignerModule.set_slot_prior)")
+        log_prior = self.slot_log_prior
+
+        def adjusted(hidden: torch.Tensor) -> torch.Tensor:
+            logits = self._head(hidden)  # (S, C)
+            return logits + tau * log_prior.to(device=logits.device, dtype=logits.dtype)
+
+        return adjusted
+
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = training.backbone_hidden(self.model, batch)
+        supervise = self.recipe.attn_sup_weight > 0 and self.training
+        attn = self.model.model.language_model.layers[self.recipe.attn_sup_layer].self_attn if supervise else None
+        with capture_attention_inputs(attn) if attn is not None else contextlib.nullcontext({}) as captured:
+            out = training.backbone_hidden(self.model, batch)
         ce_sum, n_slots, predicted = slot_ce(
-            out.last_hidden_state, batch["labels"], self._head, self.recipe.label_sigma_bins
+            out.last_hidden_state, batch["labels"], self._slot_head(), self.recipe.label_sigma_bins
         )
         target = batch["labels"][batch["labels"] != -100]
         sums = {
@@ -181,7 +334,24 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
             sums["ctc_sum"] = self._ctc(out.audio_hidden_states, batch)
         if self.recipe.audio_clock_weight > 0 and self.training:
             sums.update(self._clock(out.last_hidden_state, batch))
+        if attn is not None:
+            sums["attn_sum"] = self._attention_ce(attn, captured, batch)
         return sums
+
+    def _attention_ce(self, attn: torch.nn.Module, captured: dict[str, Any], batch: dict) -> torch.Tensor:
+        """Summed cross-entropy of the supervised head's slot attention against the boundary targets."""
+        if self.model.is_activation_checkpointing:
+            raise ValueError(
+                "recipe.attn_sup_weight > 0 recomputes attention from the layer inputs a forward hook records; "
+                "with model.gradient_checkpointing those inputs carry no gradient: turn one of them off"
+            )
+        rows, positions = (batch["labels"] != -100).nonzero(as_tuple=True)  # (S,) each
+        allowed = attention_key_mask(batch, rows, positions)  # (S, L)
+        logp = slot_attention_log_probs(attn, captured, rows, positions, allowed, self.recipe.attn_sup_head)
+        target = boundary_attention_targets(
+            batch, int(self.model.config.audio_token_id), rows, positions, self.recipe.attn_sup_sigma_ms
+        )  # (S, L)
+        return -torch.where(target > 0, target * logp, torch.zeros_like(logp)).sum()
 
     def _clock(self, hidden: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Summed audio-token clock CE (module docstring), its token count and summed |error| in classes.
@@ -230,6 +400,7 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
             clock=sums.get("clock_sum", torch.zeros(())).detach(),
             clock_n=sums.get("clock_n", torch.zeros(())),
             clock_abs=sums.get("clock_abs_bins", torch.zeros(())),
+            attn=sums.get("attn_sum", torch.zeros(())).detach(),
             audio=batch["audio_seconds"],
             seq=batch["attention_mask"].numel(),
             real=batch["num_real_tokens"],
@@ -251,11 +422,13 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
                 m = max(t["clock_n"], 1.0)
                 metrics["train/clock_loss"] = t["clock"] / m
                 metrics["train/clock_error_ms"] = t["clock_abs"] / m * SEGMENT_MS
+            if self.recipe.attn_sup_weight > 0:
+                metrics["train/attn_loss"] = t["attn"] / n
             self.norm.log(self, metrics)
         return self.loss(sums, scale)
 
     def loss(self, sums: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        """This micro-batch's share of the step loss: slot CE (+ CTC) (+ clock), each normalised per step.
+        """This micro-batch's share of the step loss: slot CE (+ CTC) (+ clock) (+ attention), each normalised per step.
 
         The clock term is ``w x`` its mean CE per audio token, weighted like this micro-batch's slots, so over a
         step the loss is ``mean slot CE + w x mean clock CE`` however many audio tokens a slot comes with.
@@ -267,6 +440,8 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         if "clock_sum" in sums:
             mean = sums["clock_sum"] / sums["clock_n"].clamp(min=1)
             loss = loss + self.recipe.audio_clock_weight * mean * sums["n_slots"] * scale
+        if "attn_sum" in sums:
+            loss = loss + self.recipe.attn_sup_weight * sums["attn_sum"] * scale
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -369,6 +544,14 @@ def prepare(
     special = [tok.pad_token_id] + tok.convert_tokens_to_ids([AUDIO_START, AUDIO_PAD, AUDIO_END, TIMESTAMP])
     module = AlignerModule(model, recipe, spine.total_optimizer_steps(cfg, per_rank_micro), special)
     module.peak_tflops = cfg.trainer.peak_tflops
+    if recipe.slot_prior_tau > 0:
+        counts = slot_class_counts(dataset, num_classes)
+        module.set_slot_prior(counts)
+        log.info(
+            "slot prior for logit adjustment: %d slots per epoch, %d classes without any",
+            counts.sum(),
+            (counts == 0).sum(),
+        )
     return module, datamodule, trainer, processor
 
 
