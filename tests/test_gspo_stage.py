@@ -225,3 +225,22 @@ def test_gspo_batches_with_word_times(tmp_path):
     manifest = write_tone_corpus(tmp_path / "tones", 4, seed=0)
     module, before, _ = _run(tmp_path / "run", manifest, "trainer.max_steps=2")
     assert any(not torch.equal(p.detach(), before[n]) for n, p in module.model.named_parameters())
+
+
+def test_ratio_statistics_are_averaged_over_the_steps_between_writes(manifest_dir, tmp_path):
+    """With log_every_n_steps = steps_per_generation, each write used to show one minibatch position only (always
+    the last, most off-policy one, whose clip fraction is the highest); now it shows the mean of the steps since the
+    previous write. Checked against a run that writes every step (same seed, so the same steps)."""
+    _, _, every = _run(tmp_path / "every", manifest_dir / "train.jsonl")
+    _, _, pairs = _run(tmp_path / "pairs", manifest_dir / "train.jsonl", "trainer.log_every_n_steps=2")
+
+    def read(run_dir: Path, key: str) -> dict[int, float]:
+        rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
+        return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+    for key in ("gspo/clip_frac", "gspo/clip_frac_low", "gspo/clip_frac_high", "gspo/seq_ratio_mean"):
+        per_step, window = read(every, key), read(pairs, key)
+        assert sorted(per_step) == [0, 1, 2, 3] and sorted(window) == [1, 3], (key, per_step, window)
+        for step in (1, 3):
+            assert window[step] == pytest.approx((per_step[step - 1] + per_step[step]) / 2, abs=1e-6), key
+    assert read(every, "gspo/seq_ratio_mean")[1] != pytest.approx(1.0, abs=1e-9)  # the window holds an off-policy step

@@ -84,6 +84,9 @@ class GSPOModule(L.LightningModule):
         self.ref_model = ref_model
         self.gradient_clip_val = gradient_clip_val
         self._pending: dict[str, Any] | None = None
+        self._ratio_sums: dict[str, torch.Tensor] = {}
+        """Ratio statistics summed over the optimizer steps since the last logger write (``_log_update``)."""
+        self._ratio_steps = 0
         self.timer = PhaseTimer()
         """Seconds per step phase (generation, rewards, old_logprobs, update_forward, backward_optimizer)."""
 
@@ -228,21 +231,31 @@ class GSPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
-        """Log the step's loss and ratio statistics, only on the steps Lightning writes to the loggers.
+        """Log the step's loss, and the ratio statistics averaged over the steps since the last write, only on the
+        steps Lightning writes to the loggers.
 
         Why only then: Lightning writes the last value logged before a write step, so what reaches the loggers is
         unchanged, and ``log_dict`` (result collection, device moves, ``sync_dist`` reduction) cost ~5 ms per
         optimizer step on CPU, a cost of its own in every GSPO step (docs/gspo.md). Every rank takes the same
         branch (the condition depends on the step count only), so the ``sync_dist`` reduction stays matched.
+
+        Why averaged: the clip fraction depends on the minibatch's position in its rollout batch (0 on the first,
+        on-policy one; highest on the last). With ``log_every_n_steps`` a multiple of ``steps_per_generation``
+        every write fell on the same position, so the logged ``gspo/clip_frac`` was the last minibatch's, not the
+        run's (the pilot's 0.43 at lr 1e-4; docs/results.md). The sums are detached tensors: no device sync.
         """
+        step_stats = {f"gspo/{k}": stats[k] for k in ("clip_frac", "clip_frac_low", "clip_frac_high") if k in stats}
+        if "seq_ratio" in stats:
+            step_stats["gspo/seq_ratio_mean"] = stats["seq_ratio"].mean()
+        for key, value in step_stats.items():
+            value = value.detach().float()
+            self._ratio_sums[key] = self._ratio_sums[key] + value if key in self._ratio_sums else value
+        self._ratio_steps += 1
         if not logger_writes_after_this_batch(self.trainer):
             return
         metrics = {"train/loss": loss.detach().float()}
-        for key in ("clip_frac", "clip_frac_low", "clip_frac_high"):
-            if key in stats:
-                metrics[f"gspo/{key}"] = stats[key].float()
-        if "seq_ratio" in stats:
-            metrics["gspo/seq_ratio_mean"] = stats["seq_ratio"].float().mean()
+        metrics.update({key: total / self._ratio_steps for key, total in self._ratio_sums.items()})
+        self._ratio_sums, self._ratio_steps = {}, 0
         if "kl" in stats:
             metrics["gspo/kl"] = stats["kl"].float()
         metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])

@@ -1,6 +1,6 @@
 """WER of the start, GSPO and continued-SFT models per held-out set, with paired bootstrap CIs of the differences.
 
-Usage: ``python recipes/gspo_vs_sft/compare.py exp/gspo_vs_sft [--systems start,gspo,sft]`` (reads
+Usage: ``python recipes/gspo_vs_sft/compare.py exp/gspo_vs_sft [--systems start,gspo,sft] [--pairs gspo-sft]`` (reads
 ``eval_<system>/results-<set>.jsonl`` and ``<system>/cpu_time.txt``; prints a markdown report).
 """
 
@@ -40,15 +40,34 @@ def cpu_seconds(path: Path) -> str:
     return f"{user + system:.0f} CPU-s ({user:.0f} user + {system:.0f} system), {wall:.0f} s wall"
 
 
+def parse_pairs(spec: str, systems: list[str]) -> list[tuple[str, str]]:
+    """``"a-b,c-d"`` -> ``[(a, b), (c, d)]``, each name one of ``systems``; empty: every later minus every earlier."""
+    if not spec:
+        return [(b, a) for i, a in enumerate(systems) for b in systems[i + 1 :]]
+    pairs = []
+    for item in spec.split(","):
+        a, sep, b = item.partition("-")
+        if not sep or a not in systems or b not in systems or a == b:
+            raise SystemExit(f"--pairs: {item!r} is not 'a-b' with two different systems of {systems}")
+        pairs.append((a, b))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("exp", type=Path)
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", default=SYSTEMS, help=f"comma-separated eval_<name> directories ({SYSTEMS})")
+    parser.add_argument(
+        "--pairs",
+        default="",
+        help="comma-separated a-b differences to report, e.g. gspo_s1-start,sft_s1-gspo_s1 (default: every later "
+        "system minus every earlier one)",
+    )
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
-    pairs = [(b, a) for i, a in enumerate(systems) for b in systems[i + 1 :]]
+    pairs = parse_pairs(args.pairs, systems)
     first = args.exp / f"eval_{systems[0]}"
     sets = sorted(p.name[len("results-") : -len(".jsonl")] for p in first.glob("results-*.jsonl"))
     if not sets:
@@ -71,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'yes' if ci.excludes_zero else 'no'} |"
             )
     report = [
-        "# GSPO vs continued SFT from the same export",
+        "# GSPO vs continued SFT from the same start model",
         "",
         *(f"- {s}: {cpu_seconds(args.exp / s / 'cpu_time.txt')}" for s in systems[1:]),
         "",
