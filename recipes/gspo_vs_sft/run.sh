@@ -8,9 +8,10 @@
 # 3: continued SFT from the start model, seeds 1 and 2, SFT_STEPS steps each
 # 4: evaluation of start2 and every run on heldout and unseen (sets used for no choice)
 # 5: WER table and paired bootstrap CIs of the differences (compare.py) -> $exp/compare.md
-# Settings: configs/experiment/gspo_vs_sft_{start,start2,gspo,sft,eval}.yaml. The step counts are chosen so that both
-# methods take about the same CPU time, measured with /usr/bin/time into <run>/cpu_time.txt (user + system
-# seconds of the whole process): docs/results.md ("GSPO vs continued SFT") has the measured pairs.
+# Settings: configs/experiment/gspo_vs_sft_{start,start2,gspo,sft,eval}.yaml. The step counts are chosen so
+# that both methods take about the same CPU time, measured with /usr/bin/time into <run>/cpu_time.txt (user +
+# system seconds of the whole process): 1,600 GSPO steps took 203 / 209 CPU-s and 1,450 SFT steps 209 / 236
+# (seeds 1 / 2; docs/results.md, "GSPO vs continued SFT").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exp=exp/gspo_vs_sft
@@ -37,7 +38,7 @@ if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && [ ! -f $exp/start2/.done ]; then
   touch $exp/start2/.done
 fi
 
-# two seeds, written out (seed 1 and 2): every qwen3asr_train line must compose as it stands (tests/test_configs.py)
+# two seeds, written out: every qwen3asr_train line must compose as it stands (tests/test_configs.py)
 if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
   log "Stage 2: GSPO, seeds 1 and 2, $gspo_steps steps each"
   rm -rf $exp/gspo_s1 $exp/gspo_s2; mkdir -p $exp/gspo_s1 $exp/gspo_s2
