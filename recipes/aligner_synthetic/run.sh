@@ -43,7 +43,7 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
   log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins, short + joined 30 s clips)"
   rm -rf $exp/train
   # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay, long-form,
-  # audio-token clock loss; evaluated every 325 steps. Another seed: add seed=N (docs/results.md).
+  # audio-token clock loss, attention supervision; evaluated every 325 steps. Another seed: add seed=N (docs/results.md).
   TIMEFORMAT="training CPU time: %U s user + %S s system (%R s wall)"
   time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps
   touch $exp/train/.done
