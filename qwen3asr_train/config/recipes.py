@@ -86,6 +86,10 @@ class SFTConfig(SFTAugmentation):
     ctc_skip_punctuation: bool = False
     """Drop tokens that are only punctuation from the CTC targets (the decoder's CE still trains them): the
     encoder then learns words, not where a comma or question mark goes, which the audio barely shows."""
+    ctc_fold_case: bool = False
+    """CTC targets from the lower-cased transcript with a leading space ("Dog door?" -> " dog door?"; the
+    decoder's CE still trains the cased text): the audio of "Dog" and "dog" is the same, but the byte-level
+    tokenizer writes them with different pieces, so the encoder would otherwise learn two spellings per word."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (the newest intact checkpoint of this run directory, or a fresh start),
     ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""

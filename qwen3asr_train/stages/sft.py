@@ -56,8 +56,11 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         asr_text_id: int,
         im_end_id: int,
         ctc_drop_ids: Iterable[int] = (),
+        ctc_fold_tokenizer: Any = None,
     ) -> None:
-        """``ctc_drop_ids``: token ids left out of the CTC targets (``recipe.ctc_skip_punctuation``)."""
+        """``ctc_drop_ids``: token ids left out of the CTC targets (``recipe.ctc_skip_punctuation``);
+        ``ctc_fold_tokenizer``: when given, each clip's CTC target is its transcript decoded, lower-cased,
+        space-prefixed and encoded again with it (``recipe.ctc_fold_case``)."""
         super().__init__()
         self.model = model
         self.recipe = recipe
@@ -66,6 +69,7 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         self.asr_text_id = asr_text_id
         self.im_end_id = im_end_id
         self.ctc_drop_ids = torch.tensor(sorted(set(ctc_drop_ids)), dtype=torch.long)  # (D,)
+        self.ctc_fold_tokenizer = ctc_fold_tokenizer
         self.norm = training.StepNormaliser()
         self.flops = training.ModelFlops.from_model(model)
         self.peak_tflops = 0.0  # trainer.peak_tflops (set by prepare); 0: from the device name
@@ -102,6 +106,8 @@ class SFTModule(training.SummedValidation, L.LightningModule):
             ids = ids[ids != self.im_end_id]
             if len(self.ctc_drop_ids):
                 ids = ids[~torch.isin(ids, self.ctc_drop_ids.to(ids.device))]
+            if self.ctc_fold_tokenizer is not None:
+                ids = fold_case_ids(self.ctc_fold_tokenizer, ids)
             targets.append(ids)
         return targets
 
@@ -188,6 +194,7 @@ def prepare(cfg: RunConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[SFT
         tok.convert_tokens_to_ids(ASR_TEXT),
         tok.convert_tokens_to_ids(IM_END),
         punctuation_token_ids(tok) if recipe.ctc_skip_punctuation and recipe.ctc_weight > 0 else (),
+        tok if recipe.ctc_fold_case and recipe.ctc_weight > 0 else None,
     )
     module.peak_tflops = cfg.trainer.peak_tflops
     return module, datamodule, trainer, processor
@@ -206,6 +213,15 @@ def punctuation_token_ids(tokenizer: Any) -> list[int]:
             ids.append(i)
     log.info("CTC targets leave out %d punctuation tokens", len(ids))
     return ids
+
+
+def fold_case_ids(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The ids of ``" " + text.lower()`` for the text ``ids`` decode to: "Dog door" and " dog door" give one
+    target. Re-encoded rather than mapped id by id because the byte-level pieces of a cased word differ from
+    the lower-case word's ("Dog" = D|o|g, " dog" = " "|do|g in the tiny tokenizer)."""
+    text = tokenizer.decode(ids.tolist())
+    folded = tokenizer.encode(" " + text.strip().lower(), add_special_tokens=False) if text.strip() else []
+    return torch.tensor(folded, dtype=ids.dtype, device=ids.device)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
