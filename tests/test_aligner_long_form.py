@@ -82,3 +82,19 @@ def test_long_form_groups_end_where_the_joined_text_would_cut_other_units():
     english = [utt("c", "a cat", "English"), utt("d", "the dog", "English")]
     dataset = LongFormDataset(UtteranceDataset([first, second, *english]), 30.0, 0.0, num_classes=375)
     assert dataset.groups == [[2, 3]]
+
+
+def test_long_form_fraction_keeps_an_even_share_of_the_groups(tmp_path):
+    """A quarter of the groups, spread over the corpus: group k is kept when a multiple of 4 lands in (k/4, (k+1)/4],
+    i.e. k = 3, 7, 11, ... (counted by hand), and each kept group is one the full dataset formed."""
+    import pytest
+
+    manifest = write_tone_corpus(tmp_path, 40, seed=2)
+    base = UtteranceDataset(read_manifest(manifest, row_checks(DataConfig())))
+    full = LongFormDataset(base, max_seconds=3.0, gap_seconds=0.0, num_classes=75)
+    quarter = LongFormDataset(base, max_seconds=3.0, gap_seconds=0.0, num_classes=75, fraction=0.25)
+    assert len(full.groups) >= 8
+    assert quarter.groups == [g for k, g in enumerate(full.groups) if k % 4 == 3]
+    assert len(quarter) == len(base) + len(full.groups) // 4
+    with pytest.raises(ValueError, match="fraction"):
+        LongFormDataset(base, max_seconds=3.0, gap_seconds=0.0, num_classes=75, fraction=0.0)

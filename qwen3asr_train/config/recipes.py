@@ -160,9 +160,17 @@ class DecodeConfig:
     """Prefill ``language X<asr_text>`` with the reference language."""
     use_context: bool = True
     """Use the manifest's context in the system turn."""
+    align_decode: str = "argmax"
+    """Forced aligners: slot decoding, ``argmax`` (upstream's: argmax per slot, then its monotonic repair) or
+    ``monotonic`` (the most probable non-decreasing times under the slots' softmax; docs/aligner.md)."""
+    align_refine_seconds: float = 0.0
+    """Forced aligners: > 0 aligns a clip longer than this twice, the second time in pieces of at most this
+    length cut at pauses between the first pass's words (no reference times; docs/aligner.md). 0 = one pass."""
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
+        _require(self.align_decode in {"argmax", "monotonic"}, "decode.align_decode", "must be argmax|monotonic")
+        _require(self.align_refine_seconds >= 0, "decode.align_refine_seconds", "must be >= 0")
         _require(self.tokens_per_second > 0, "decode.tokens_per_second", "must be positive")
 
 
@@ -463,6 +471,9 @@ class AlignerConfig:
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
     """Silence inserted between concatenated utterances."""
+    concat_fraction: float = 1.0
+    """Share of the joined long-form items kept (evenly spread; 1 = all): at 1 an epoch holds about as much
+    audio in long items as in short clips; less leaves more of each step to the short clips."""
     on_unit_mismatch: str = "resplit"
     """A row whose words differ from the aligner's word units of its text: ``resplit`` (re-cut exactly when the
     units merge whole words, else skip), ``skip``, or ``strict`` (= ``error``: raise naming file and line).
@@ -477,6 +488,7 @@ class AlignerConfig:
         _require(
             self.concat_max_seconds >= 0 and self.concat_gap_seconds >= 0, "recipe.concat_max_seconds", "must be >= 0"
         )
+        _require(0.0 < self.concat_fraction <= 1.0, "recipe.concat_fraction", "must be in (0, 1]")
         _require(
             self.on_unit_mismatch in {"resplit", "skip", "strict", "error"},
             "recipe.on_unit_mismatch",

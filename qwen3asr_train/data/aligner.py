@@ -365,7 +365,19 @@ class LongFormDataset(UtteranceDataset):
     :func:`~qwen3asr_train.data.aligner.concat_utterances`; its duration (for batching) is known up front.
     """
 
-    def __init__(self, base: UtteranceDataset, max_seconds: float, gap_seconds: float, num_classes: int) -> None:
+    def __init__(
+        self,
+        base: UtteranceDataset,
+        max_seconds: float,
+        gap_seconds: float,
+        num_classes: int,
+        fraction: float = 1.0,
+    ) -> None:
+        """``fraction`` keeps that share of the joined groups, evenly spread over the corpus (group ``g`` is
+        kept when ``floor((g + 1) f) > floor(g f)``): fewer long items make a step cheaper and leave more of
+        each batch to the short clips, while every absolute time up to ``max_seconds`` is still trained."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"long-form fraction must be in (0, 1], got {fraction}")
         super().__init__(base.utterances, base.on_bad_audio, base.hf_dataset, base.hf_audio_column)
         self.base = base
         self.max_seconds = max_seconds
@@ -390,7 +402,18 @@ class LongFormDataset(UtteranceDataset):
             text, units = utt.text, [w.word for w in utt.words or []]
         if len(current) > 1:
             self.groups.append(current)
-        log.info("long-form training: %d concatenated items of up to %.0f s", len(self.groups), max_seconds)
+        formed = len(self.groups)
+        if fraction < 1.0:
+            self.groups = [
+                g for k, g in enumerate(self.groups) if math.floor((k + 1) * fraction) > math.floor(k * fraction)
+            ]
+        log.info(
+            "long-form training: %d concatenated items of up to %.0f s (%d formed, fraction %g)",
+            len(self.groups),
+            max_seconds,
+            formed,
+            fraction,
+        )
 
     def __len__(self) -> int:
         return len(self.base) + len(self.groups)

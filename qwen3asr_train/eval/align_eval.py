@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
@@ -46,6 +47,7 @@ from qwen3asr_train.eval.alignment import (
     AlignmentStats,
     decode_slots,
     energy_baseline,
+    find_pauses,
     slots_to_spans,
     time_drift_ratio,
     write_alignments_json,
@@ -55,6 +57,30 @@ from qwen3asr_train.eval.decode import duration_batches
 from qwen3asr_train.eval.plots import one_per_language, plot_alignment
 
 log = logging.getLogger(__name__)
+
+
+def pieces_at(sample: Sample, cuts: Sequence[tuple[float, int]]) -> list[tuple[float, Sample]]:
+    """``[(offset s, piece)]`` of ``sample`` cut at ``cuts``: ``(cut seconds, index of the piece's last word)``
+    in increasing order; the last piece runs to the end of the audio with the remaining words. Words and audio
+    are shifted to each piece's start, so every piece is an ordinary sample (its text is its words joined)."""
+    words = sample.utt.words or []
+    total = sample.audio.size / SAMPLE_RATE
+    pieces: list[tuple[float, Sample]] = []
+    t0, first = 0.0, 0
+    for cut, last in [*cuts, (total, len(words) - 1)]:
+        a, b = int(round(t0 * SAMPLE_RATE)), int(round(cut * SAMPLE_RATE))
+        chosen = words[first : last + 1]
+        shifted = [AlignedWord(w.word, max(0.0, w.start - t0), max(0.0, w.end - t0)) for w in chosen]
+        utt = replace(
+            sample.utt,
+            id=f"{sample.utt.id}@{t0:.2f}",
+            duration=(b - a) / SAMPLE_RATE,
+            text=" ".join(w.word for w in chosen),
+            words=shifted,
+        )
+        pieces.append((a / SAMPLE_RATE, Sample(utt, sample.audio[a:b], sample.index)))
+        t0, first = b / SAMPLE_RATE, last + 1
+    return pieces
 
 
 def split_long_sample(sample: Sample, max_seconds: float) -> list[tuple[float, Sample]]:
@@ -71,38 +97,68 @@ def split_long_sample(sample: Sample, max_seconds: float) -> list[tuple[float, S
     words = sample.utt.words or []
     if total <= max_seconds:
         return [(0.0, sample)]
-    pieces: list[tuple[float, Sample]] = []
+    cuts: list[tuple[float, int]] = []
     t0, first = 0.0, 0
-    while first < len(words):
+    while first < len(words) and total - t0 > max_seconds:
         candidates: list[tuple[float, float, int]] = []  # (gap, cut, index of the piece's last word)
         for k in range(first, len(words) - 1):
             cut = (words[k].end + words[k + 1].start) / 2
             if cut - t0 > max_seconds:
                 break
             candidates.append((words[k + 1].start - words[k].end, cut, k))
-        if total - t0 <= max_seconds:
-            cut, last = total, len(words) - 1
-        elif not candidates:
+        if not candidates:
             raise ValueError(
                 f"{sample.utt.source or sample.utt.id}: no pause between words within {max_seconds:g} s of "
                 f"{t0:.2f} s; cannot cut the {total:.1f} s clip into pieces the aligner's classes address"
             )
+        late = [c for c in candidates if c[1] - t0 >= max_seconds / 2]
+        _, cut, last = max(late) if late else candidates[-1]
+        cuts.append((round(cut * SAMPLE_RATE) / SAMPLE_RATE, last))
+        t0, first = cuts[-1][0], last + 1
+    return pieces_at(sample, cuts)
+
+
+def refine_cuts(
+    audio: np.ndarray, coarse: Sequence[tuple[float, float]], window_s: float, min_pause_s: float = 0.1
+) -> list[tuple[float, int]]:
+    """Where to cut a long clip for the refinement pass, from the audio and a first-pass alignment only.
+
+    Returns ``[(cut seconds, index of the piece's last word)]`` (for :func:`pieces_at`) so that every piece is
+    at most ``window_s`` long where the audio allows. Each cut is the centre of the widest pause
+    (:func:`~qwen3asr_train.eval.alignment.find_pauses`) in the second half of the current window that has
+    first-pass word centres on both sides; the words go to the side of the cut their first-pass centre lies
+    on. Without such a pause anywhere in the window, the cut falls midway between the last first-pass word
+    that ends inside the window and the next one. Why pauses and word centres: a first pass that is a few
+    hundred ms off on a long clip still puts almost every word on the right side of a pause between
+    utterances, and a piece no longer than the training clips is aligned at the short-clip accuracy.
+    """
+    total = audio.size / SAMPLE_RATE
+    n = len(coarse)
+    centres = np.array([(a + b) / 2 for a, b in coarse], dtype=np.float64)  # (W,)
+    pauses = find_pauses(audio, min_pause_s)
+    cuts: list[tuple[float, int]] = []
+    t0, first = 0.0, 0
+    while total - t0 > window_s and first < n - 1:
+        options: list[tuple[int, float, float, int]] = []  # (in second half, width, cut, words before it)
+        for a, b in pauses:
+            cut = (a + b) / 2
+            before = int(np.searchsorted(centres, cut))  # words whose centre lies before the cut
+            if t0 < cut <= t0 + window_s and first < before < n:
+                options.append((int(cut - t0 >= window_s / 2), b - a, cut, before))
+        if options:
+            _, _, cut, before = max(options)
         else:
-            late = [c for c in candidates if c[1] - t0 >= max_seconds / 2]
-            _, cut, last = max(late) if late else candidates[-1]
-        a, b = int(round(t0 * SAMPLE_RATE)), int(round(cut * SAMPLE_RATE))
-        chosen = words[first : last + 1]
-        shifted = [AlignedWord(w.word, max(0.0, w.start - t0), max(0.0, w.end - t0)) for w in chosen]
-        utt = replace(
-            sample.utt,
-            id=f"{sample.utt.id}@{t0:.2f}",
-            duration=(b - a) / SAMPLE_RATE,
-            text=" ".join(w.word for w in chosen),
-            words=shifted,
-        )
-        pieces.append((a / SAMPLE_RATE, Sample(utt, sample.audio[a:b], sample.index)))
-        t0, first = b / SAMPLE_RATE, last + 1
-    return pieces
+            ends = [k for k in range(first, n - 1) if coarse[k][1] <= t0 + window_s]
+            if not ends:
+                break  # one first-pass word spans the window: the rest stays one piece
+            k = ends[-1]
+            cut, before = min((coarse[k][1] + coarse[k + 1][0]) / 2, t0 + window_s), k + 1
+            if cut <= t0:
+                break
+        cut = round(cut * SAMPLE_RATE) / SAMPLE_RATE
+        cuts.append((cut, before - 1))
+        t0, first = cut, before
+    return cuts
 
 
 @torch.no_grad()
@@ -113,21 +169,61 @@ def align(
     max_batch_seconds: float = 240.0,
     max_batch_size: int = 32,
     chunk_long: bool = False,
+    decode: str = "argmax",
+    refine_seconds: float = 0.0,
 ) -> list[list[tuple[float, float]]]:
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
 
     ``chunk_long``: align clips longer than the classes address in pieces cut between reference words
     (:func:`split_long_sample`; evaluation only, the samples' word units are checked by the caller);
-    without it such a clip raises a clear error.
+    without it such a clip raises a clear error. ``decode``: the slot decoder
+    (:data:`~qwen3asr_train.eval.alignment.DECODE_METHODS`). ``refine_seconds`` > 0: a clip longer than that
+    is aligned twice, the second time in pieces of at most that length cut at pauses between the first
+    pass's words (:func:`refine_cuts`; no reference times used), so long recordings get the accuracy the
+    model has on clips of its training length.
     """
     num_classes = int(model.config.num_labels)
     collator = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=not chunk_long)
-    timestamp_id = processor.tokenizer.convert_tokens_to_ids(TIMESTAMP)
     limit = max_addressable_seconds(num_classes) - 0.04  # the last half bin clips to the last class
     units: list[tuple[int, float, Sample]] = []  # (sample index, offset s, piece)
     for i, sample in enumerate(samples):
         pieces = split_long_sample(sample, limit) if chunk_long else [(0.0, sample)]
         units += [(i, offset, piece) for offset, piece in pieces]
+    out = _align_units(model, processor, collator, units, len(samples), max_batch_seconds, max_batch_size, decode)
+    if refine_seconds <= 0:
+        return out
+    second: list[tuple[int, float, Sample]] = []
+    for i, sample in enumerate(samples):
+        if sample.audio.size / SAMPLE_RATE > refine_seconds and len(out[i]) > 1:
+            cuts = refine_cuts(sample.audio, out[i], refine_seconds)
+            if cuts:
+                second += [(i, offset, piece) for offset, piece in pieces_at(sample, cuts)]
+    if second:
+        loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
+        refined = _align_units(model, processor, loose, second, len(samples), max_batch_seconds, max_batch_size, decode)
+        for i in {i for i, _, _ in second}:
+            out[i] = refined[i]
+        log.info(
+            "refinement pass: %d clips over %g s aligned again in %d pieces",
+            len({i for i, _, _ in second}),
+            refine_seconds,
+            len(second),
+        )
+    return out
+
+
+def _align_units(
+    model: torch.nn.Module,
+    processor: Qwen3ASRProcessor,
+    collator: AlignerCollator,
+    units: Sequence[tuple[int, float, Sample]],
+    num_samples: int,
+    max_batch_seconds: float,
+    max_batch_size: int,
+    decode: str,
+) -> list[list[tuple[float, float]]]:
+    """Align ``units`` (sample index, offset s, piece in time order) and join each sample's pieces."""
+    timestamp_id = processor.tokenizer.convert_tokens_to_ids(TIMESTAMP)
     plan = duration_batches([p.audio.size / SAMPLE_RATE for _, _, p in units], max_batch_seconds, max_batch_size)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -140,7 +236,8 @@ def align(
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "input_features_mask")}
             inputs["input_features"] = batch["input_features"].to(device, next(model.parameters()).dtype)
             logits = model(**inputs).logits  # (B, L, C)
-            for j, seconds in zip(batch_ids, decode_slots(logits, inputs["input_ids"], timestamp_id), strict=True):
+            decoded = decode_slots(logits, inputs["input_ids"], timestamp_id, method=decode)
+            for j, seconds in zip(batch_ids, decoded, strict=True):
                 offset = units[j][1]
                 local.append((j, [(round(a + offset, 3), round(b + offset, 3)) for a, b in slots_to_spans(seconds)]))
     finally:
@@ -150,7 +247,7 @@ def align(
         dist.all_gather_object(gathered, local)
         local = [pair for part in gathered for pair in part]
     spans = dict(local)
-    out: list[list[tuple[float, float]]] = [[] for _ in samples]
+    out: list[list[tuple[float, float]]] = [[] for _ in range(num_samples)]
     for j, (i, _, _) in enumerate(units):  # pieces are in time order within a sample
         out[i] += spans[j]
     return out
@@ -405,6 +502,8 @@ class AlignmentEvaluator:
         max_batch_seconds: float = 240.0,
         max_batch_size: int = 32,
         unit_report: UnitPolicyReport | None = None,
+        decode: str = "argmax",
+        refine_seconds: float = 0.0,
     ) -> None:
         """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
         with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
@@ -420,11 +519,22 @@ class AlignmentEvaluator:
         }
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
+        self.decode = decode
+        self.refine_seconds = refine_seconds
         self.title: str | None = None
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         predictions = {
-            name: align(model, self.processor, samples, self.max_batch_seconds, self.max_batch_size, chunk_long=True)
+            name: align(
+                model,
+                self.processor,
+                samples,
+                self.max_batch_seconds,
+                self.max_batch_size,
+                chunk_long=True,
+                decode=self.decode,
+                refine_seconds=self.refine_seconds,
+            )
             for name, samples in self.sets.items()
         }
         if not write:

@@ -49,29 +49,74 @@ TIME_BIN_LABELS: tuple[str, ...] = tuple(
 )
 
 
+DECODE_METHODS: tuple[str, ...] = ("argmax", "monotonic")
+"""Slot decoders: ``argmax`` is upstream's (argmax class per slot, then its monotonic repair); ``monotonic``
+is the most probable non-decreasing class sequence under the slots' softmax (:func:`monotonic_classes`)."""
+
+
+def monotonic_classes(log_probs: np.ndarray) -> np.ndarray:
+    """``(S,)`` classes ``c_1 <= ... <= c_S`` maximising ``sum_s log_probs[s, c_s]`` (exact dynamic programme).
+
+    Why: upstream takes each slot's argmax and then repairs order violations (longest increasing subsequence
+    + interpolation), which uses one number per slot. On long clips the slot distributions of a small aligner
+    are often multi-modal (the same word sound earlier or later in the clip); the joint maximum under the
+    order constraint picks, for every slot, the mode that agrees with its neighbours. O(S x C) time.
+
+    Args:
+        log_probs: ``(S, C)`` per-slot log-probabilities (log-softmax of the logits at the slots).
+    """
+    scores = np.asarray(log_probs, dtype=np.float64)
+    n_slots, n_classes = scores.shape
+    if n_slots == 0:
+        return np.zeros(0, dtype=np.int64)
+    best = scores[0].copy()  # (C,) best total of slots 0..s with slot s in class c
+    back = np.zeros((n_slots, n_classes), dtype=np.int64)  # argmax over c' <= c of the previous row
+    index = np.arange(n_classes)
+    for s in range(1, n_slots):
+        run_arg = np.maximum.accumulate(np.where(best == np.maximum.accumulate(best), index, 0))  # (C,)
+        back[s] = run_arg
+        best = scores[s] + best[run_arg]
+    out = np.zeros(n_slots, dtype=np.int64)
+    out[-1] = int(np.argmax(best))
+    for s in range(n_slots - 1, 0, -1):
+        out[s - 1] = back[s, out[s]]
+    return out
+
+
 def decode_slots(
-    logits: torch.Tensor, input_ids: torch.Tensor, timestamp_token_id: int, segment_ms: float = 80.0
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    timestamp_token_id: int,
+    segment_ms: float = 80.0,
+    method: str = "argmax",
 ) -> list[list[float]]:
-    """Seconds at each ``<timestamp>`` slot of each row, in slot order, after upstream's monotonic repair.
+    """Seconds at each ``<timestamp>`` slot of each row, in slot order.
 
     Args:
         logits: ``(B, L, C)`` token-classification logits.
         input_ids: ``(B, L)`` the ids the logits were computed from (any padding side).
         timestamp_token_id: id of ``<timestamp>`` (read it from the tokenizer or ``model.config``).
         segment_ms: milliseconds per class.
+        method: ``argmax`` (upstream's decoding, after its monotonic repair) or ``monotonic``
+            (:func:`monotonic_classes`); see :data:`DECODE_METHODS`.
 
     Returns the values rounded to the millisecond as upstream does (``round(ms / 1000, 3)``); a row without
     slots gives ``[]`` (``_fix_timestamps`` itself fails on an empty row).
     """
-    pred = logits.argmax(-1)  # (B, L)
+    if method not in DECODE_METHODS:
+        raise ValueError(f"unknown slot decoding {method!r}; expected one of {DECODE_METHODS}")
     out: list[list[float]] = []
-    for row in range(pred.shape[0]):
-        classes = pred[row][input_ids[row] == timestamp_token_id]  # (S,)
-        if classes.numel() == 0:
+    for row in range(logits.shape[0]):
+        slot_logits = logits[row][input_ids[row] == timestamp_token_id]  # (S, C)
+        if slot_logits.shape[0] == 0:
             out.append([])
             continue
-        ms = (classes.float() * segment_ms).cpu().numpy()  # (S,)
-        out.append([round(v / 1000.0, 3) for v in _fix_timestamps(ms)])
+        if method == "argmax":
+            ms = (slot_logits.argmax(-1).float() * segment_ms).cpu().numpy()  # (S,)
+            out.append([round(v / 1000.0, 3) for v in _fix_timestamps(ms)])
+        else:
+            log_probs = torch.log_softmax(slot_logits.double(), dim=-1).cpu().numpy()  # (S, C)
+            out.append([round(float(c) * segment_ms / 1000.0, 3) for c in monotonic_classes(log_probs)])
     return out
 
 
@@ -275,6 +320,29 @@ def uniform_baseline(audio: np.ndarray, words: Sequence[str], sample_rate: int =
     return _spread(words, 0.0, len(audio) / sample_rate) if words else []
 
 
+def _frame_db(
+    audio: np.ndarray, sample_rate: int, frame_ms: float, hop_ms: float
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(starts, db, frame)``: each frame's first sample, its energy in dB, and the frame length in samples."""
+    frame, hop = int(sample_rate * frame_ms / 1000), int(sample_rate * hop_ms / 1000)
+    starts = np.arange(0, len(audio) - frame + 1, hop)  # (F,)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(audio, np.float64), frame)[starts]  # (F, frame)
+    return starts, 10 * np.log10(np.mean(windows**2, axis=1) + 1e-12), frame
+
+
+def _active_frames(db: np.ndarray, rel_db: float) -> np.ndarray | None:
+    """Boolean ``(F,)`` frames above the speech threshold; ``None`` for digital silence.
+
+    The threshold is ``rel_db`` below the loudest frame, but at least 6 dB above the noise floor (10th
+    percentile frame) when the clip is noisy, so steady noise is not taken for speech.
+    """
+    peak, floor = float(db.max()), float(np.percentile(db, 10))
+    if peak < -100:  # digital silence
+        return None
+    threshold = min(max(peak + rel_db, floor + 6.0), peak - 6.0)
+    return db > threshold
+
+
 def speech_region(
     audio: np.ndarray,
     sample_rate: int = SAMPLE_RATE,
@@ -282,24 +350,52 @@ def speech_region(
     hop_ms: float = 10.0,
     rel_db: float = -40.0,
 ) -> Span | None:
-    """``(first, last)`` centre (s) of the frames whose energy is above the threshold; ``None`` for silence.
-
-    The threshold is ``rel_db`` below the loudest frame, but at least 6 dB above the noise floor (10th
-    percentile frame) when the clip is noisy, so steady noise is not taken for speech.
-    """
-    frame, hop = int(sample_rate * frame_ms / 1000), int(sample_rate * hop_ms / 1000)
-    if len(audio) < frame:
+    """``(first, last)`` centre (s) of the frames whose energy is above the threshold (:func:`_active_frames`);
+    ``None`` for silence."""
+    if len(audio) < int(sample_rate * frame_ms / 1000):
         return None
-    starts = np.arange(0, len(audio) - frame + 1, hop)  # (F,)
-    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(audio, np.float64), frame)[starts]  # (F, frame)
-    db = 10 * np.log10(np.mean(windows**2, axis=1) + 1e-12)  # (F,)
-    peak, floor = float(db.max()), float(np.percentile(db, 10))
-    if peak < -100:  # digital silence
+    starts, db, frame = _frame_db(audio, sample_rate, frame_ms, hop_ms)
+    active = _active_frames(db, rel_db)
+    if active is None:
         return None
-    threshold = min(max(peak + rel_db, floor + 6.0), peak - 6.0)
-    active = np.flatnonzero(db > threshold)
+    idx = np.flatnonzero(active)
     centre = frame / 2  # an onset lies somewhere in the first active frame: its centre is the unbiased guess
-    return float((starts[active[0]] + centre) / sample_rate), float((starts[active[-1]] + centre) / sample_rate)
+    return float((starts[idx[0]] + centre) / sample_rate), float((starts[idx[-1]] + centre) / sample_rate)
+
+
+def find_pauses(
+    audio: np.ndarray,
+    min_pause_s: float = 0.1,
+    sample_rate: int = SAMPLE_RATE,
+    frame_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    rel_db: float = -40.0,
+) -> list[Span]:
+    """``(start, end)`` seconds of every run of sub-threshold frames of at least ``min_pause_s`` between the
+    first and the last speech frame (the threshold of :func:`speech_region`), in time order.
+
+    Why: cutting a long recording inside a pause never cuts a word; the refinement pass of the aligner's
+    evaluation and transcription (``align(refine_seconds=...)``) cuts only there.
+    """
+    if len(audio) < int(sample_rate * frame_ms / 1000):
+        return []
+    starts, db, frame = _frame_db(audio, sample_rate, frame_ms, hop_ms)
+    active = _active_frames(db, rel_db)
+    if active is None:
+        return []
+    idx = np.flatnonzero(active)
+    centres = (starts + frame / 2) / sample_rate  # (F,)
+    out: list[Span] = []
+    run_start: int | None = None
+    for f in range(int(idx[0]), int(idx[-1]) + 1):
+        if not active[f] and run_start is None:
+            run_start = f
+        elif active[f] and run_start is not None:
+            a, b = float(centres[run_start]), float(centres[f - 1])
+            if b - a + hop_ms / 1000 >= min_pause_s:
+                out.append((a, b))
+            run_start = None
+    return out
 
 
 def energy_baseline(audio: np.ndarray, words: Sequence[str], sample_rate: int = SAMPLE_RATE) -> list[Span]:

@@ -466,7 +466,13 @@ def build_aligner_hook(
     for name, samples in sets.items():
         sets[name] = usable_samples(samples, data_cfg.on_bad_row, f"eval:{name}", units=units, report=report)
     evaluator = AlignmentEvaluator(
-        processor, sets, cfg.decode.max_batch_seconds, cfg.decode.max_batch_size, unit_report=report
+        processor,
+        sets,
+        cfg.decode.max_batch_seconds,
+        cfg.decode.max_batch_size,
+        unit_report=report,
+        decode=cfg.decode.align_decode,
+        refine_seconds=cfg.decode.align_refine_seconds,
     )
     return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)
 
@@ -512,7 +518,9 @@ def prepare(
                 f"recipe.concat_max_seconds={recipe.concat_max_seconds} exceeds the {limit:g} s "
                 f"that {num_classes} classes address"
             )
-        dataset = LongFormDataset(dataset, recipe.concat_max_seconds, recipe.concat_gap_seconds, num_classes)
+        dataset = LongFormDataset(
+            dataset, recipe.concat_max_seconds, recipe.concat_gap_seconds, num_classes, recipe.concat_fraction
+        )
     collator = AlignerCollator(
         processor,
         num_classes,

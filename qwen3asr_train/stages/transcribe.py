@@ -93,7 +93,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "no_text",
             )
         utt.words = [AlignedWord(w, 0.0, 0.0) for w in split_words(utt.text, utt.language)]
-    spans = align(model, processor, samples, recipe.decode.max_batch_seconds, recipe.decode.max_batch_size)
+    spans = align(
+        model,
+        processor,
+        samples,
+        recipe.decode.max_batch_seconds,
+        recipe.decode.max_batch_size,
+        decode=recipe.decode.align_decode,
+        refine_seconds=recipe.decode.align_refine_seconds,
+    )
     path = out_dir / "alignments.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
         for sample, pred in zip(samples, spans, strict=True):
