@@ -119,3 +119,19 @@ def test_align_with_refinement_realigns_the_pieces_and_changes_nothing_for_short
         align(model, processor, [sample], decode="monotonic")[0] != []
         and len(align(model, processor, [sample], decode="monotonic", refine_seconds=3.0)[0]) == 16
     )
+
+
+def test_decode_settings_are_checked_and_reach_the_aligner_evaluator(monkeypatch, tmp_path):
+    from qwen3asr_train.config.base import ConfigError
+    from qwen3asr_train.config.recipes import DecodeConfig
+
+    with pytest.raises(ConfigError, match="align_decode"):
+        DecodeConfig(align_decode="viterbi").validate()
+    with pytest.raises(ConfigError, match="align_refine_seconds"):
+        DecodeConfig(align_refine_seconds=-1.0).validate()
+    calls: list = []
+    monkeypatch.setattr(align_eval, "align", lambda *args, **kwargs: calls.append(kwargs) or [])
+    evaluator = align_eval.AlignmentEvaluator(None, {}, decode="monotonic", refine_seconds=6.0)
+    evaluator.sets = {"dev": []}
+    evaluator.evaluate(None, tmp_path, write=False)
+    assert calls == [{"chunk_long": True, "decode": "monotonic", "refine_seconds": 6.0}]
