@@ -1,0 +1,84 @@
+"""Compare the aligner's slot decoders and the refinement pass on evaluation sets, for one model.
+
+Why a script: `recipe=eval` runs one decoding per call; this runs several on the same loaded model and sets
+and also counts how many refinement cuts put a word in the wrong piece (against the reference), which the
+evaluation cannot know. docs/results.md (2026-12-02, sixth session) has its output for the recipe's models.
+
+Usage: .venv/bin/python recipes/aligner_synthetic/decode_study.py MODEL SET=MANIFEST [SET=MANIFEST ...]
+           [--configs argmax:0 monotonic:0 argmax:6]
+MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+
+from qwen3asr_train.checkpoints import load_for_inference
+from qwen3asr_train.config.data import DataConfig
+from qwen3asr_train.data.datamodule import row_checks
+from qwen3asr_train.eval.align_eval import align, refine_cuts
+from qwen3asr_train.eval.alignment import TIME_BINS_S, boundary_errors_ms
+
+log = logging.getLogger("decode_study")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("sets", nargs="+", help="NAME=MANIFEST")
+    parser.add_argument("--configs", nargs="+", default=["argmax:0", "monotonic:0", "argmax:6", "monotonic:6"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from qwen3asr_train.eval.hook import load_eval_sets
+
+    model, processor = load_for_inference(args.model)
+    sets = load_eval_sets(dict(s.split("=", 1) for s in args.sets), row_checks(DataConfig()), "skip")
+    for config in args.configs:
+        decode, refine = config.split(":")
+        for name, samples in sets.items():
+            started = time.process_time()
+            pred = align(model, processor, samples, chunk_long=True, decode=decode, refine_seconds=float(refine))
+            refs = [[(w.start, w.end) for w in s.utt.words or []] for s in samples]
+            errors = np.concatenate([boundary_errors_ms(p, r) for p, r in zip(pred, refs, strict=True)])
+            times = np.concatenate([np.asarray(r, dtype=np.float64).reshape(-1) for r in refs])
+            bins = [
+                f"{errors[(times >= lo) & (times < hi)].mean():.0f}"
+                for lo, hi in zip(TIME_BINS_S[:-1], TIME_BINS_S[1:], strict=True)
+                if ((times >= lo) & (times < hi)).any()
+            ]
+            log.info(
+                "%-9s refine %-4s %-13s AAS %7.1f ms  median %5.0f  by time [%s]  (%.0f CPU-s)",
+                decode,
+                refine,
+                name,
+                errors.mean(),
+                np.median(errors),
+                " ".join(bins),
+                time.process_time() - started,
+            )
+            if float(refine) > 0:
+                cuts = wrong = words = 0
+                for sample, first, ref in zip(
+                    samples, align(model, processor, samples, chunk_long=True), refs, strict=True
+                ):
+                    if sample.audio.size / 16000 <= float(refine):
+                        continue
+                    centres = np.array([(a + b) / 2 for a, b in ref])
+                    for cut, last in refine_cuts(sample.audio, first, float(refine)):
+                        true_before = int(np.searchsorted(centres, cut))
+                        cuts, wrong, words = (
+                            cuts + 1,
+                            wrong + (true_before != last + 1),
+                            words + abs(true_before - last - 1),
+                        )
+                log.info(
+                    "    refinement cuts %d, with a word on the wrong side %d, words misplaced %d", cuts, wrong, words
+                )
+
+
+if __name__ == "__main__":
+    main()
