@@ -131,7 +131,9 @@ def test_decode_settings_are_checked_and_reach_the_aligner_evaluator(monkeypatch
         DecodeConfig(align_refine_seconds=-1.0).validate()
     calls: list = []
     monkeypatch.setattr(align_eval, "align", lambda *args, **kwargs: calls.append(kwargs) or [])
-    evaluator = align_eval.AlignmentEvaluator(None, {}, decode="monotonic", refine_seconds=6.0)
+    decode = DecodeConfig(align_decode="monotonic", align_refine_seconds=6.0, max_batch_seconds=50.0)
+    evaluator = align_eval.AlignmentEvaluator.from_decode_config(None, {}, decode)
     evaluator.sets = {"dev": []}
     evaluator.evaluate(None, tmp_path, write=False)
     assert calls == [{"chunk_long": True, "decode": "monotonic", "refine_seconds": 6.0}]
+    assert (evaluator.max_batch_seconds, evaluator.max_batch_size) == (50.0, 32)

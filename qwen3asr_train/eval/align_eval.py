@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.config.recipes import DecodeConfig
 from qwen3asr_train.data.aligner import AlignerCollator, UnitPolicyReport, max_addressable_seconds, usable_samples
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
@@ -522,6 +523,26 @@ class AlignmentEvaluator:
         self.decode = decode
         self.refine_seconds = refine_seconds
         self.title: str | None = None
+
+    @classmethod
+    def from_decode_config(
+        cls,
+        processor: Qwen3ASRProcessor,
+        sets: dict[str, list[Sample]],
+        decode: DecodeConfig,
+        unit_report: UnitPolicyReport | None = None,
+    ) -> AlignmentEvaluator:
+        """The evaluator with the batching, slot decoding and refinement of ``decode`` (``recipe.decode`` of
+        ``recipe=eval``, ``evaluation.decode`` of the training hook)."""
+        return cls(
+            processor,
+            sets,
+            decode.max_batch_seconds,
+            decode.max_batch_size,
+            unit_report=unit_report,
+            decode=decode.align_decode,
+            refine_seconds=decode.align_refine_seconds,
+        )
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
         predictions = {

@@ -465,15 +465,7 @@ def build_aligner_hook(
     sets = load_eval_sets(cfg.sets, row_checks(data_cfg), data_cfg.on_bad_row, cfg.max_utterances)
     for name, samples in sets.items():
         sets[name] = usable_samples(samples, data_cfg.on_bad_row, f"eval:{name}", units=units, report=report)
-    evaluator = AlignmentEvaluator(
-        processor,
-        sets,
-        cfg.decode.max_batch_seconds,
-        cfg.decode.max_batch_size,
-        unit_report=report,
-        decode=cfg.decode.align_decode,
-        refine_seconds=cfg.decode.align_refine_seconds,
-    )
+    evaluator = AlignmentEvaluator.from_decode_config(processor, sets, cfg.decode, unit_report=report)
     return PeriodicEvaluation(evaluator, cfg.every_n_steps, cfg.at_end, run_dir, cfg.monitor, cfg.monitor_mode)
 
 

@@ -53,15 +53,7 @@ def _evaluate_aligner(
         )
         if not sets[name]:
             raise ManifestError(f"evaluation set {name}: no usable rows for alignment", "empty_manifest")
-    evaluator = AlignmentEvaluator(
-        processor,
-        sets,
-        recipe.decode.max_batch_seconds,
-        recipe.decode.max_batch_size,
-        unit_report=units,
-        decode=recipe.decode.align_decode,
-        refine_seconds=recipe.decode.align_refine_seconds,
-    )
+    evaluator = AlignmentEvaluator.from_decode_config(processor, sets, recipe.decode, unit_report=units)
     evaluator.title = model_title(recipe.model_path)
     metrics = evaluator.evaluate(model, out_dir, write=rank == 0)
     if dist.is_initialized():
