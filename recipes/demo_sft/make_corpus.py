@@ -39,7 +39,12 @@ DEMO_CORPUS = dict(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--workers", type=int, default=2, help="processes (output does not depend on it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="processes (texts and settings do not depend on it; the audio is bit-identical for the same count)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifests = make_corpus(args.out_dir, workers=args.workers, **DEMO_CORPUS)
