@@ -19,6 +19,7 @@ import numpy as np
 
 from qwen3asr_train.checkpoints import load_for_inference
 from qwen3asr_train.config.data import DataConfig
+from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.eval.align_eval import align, refine_cuts
 from qwen3asr_train.eval.alignment import TIME_BINS_S, boundary_errors_ms
@@ -37,11 +38,14 @@ def main() -> None:
 
     model, processor = load_for_inference(args.model)
     sets = load_eval_sets(dict(s.split("=", 1) for s in args.sets), row_checks(DataConfig()), "skip")
+    first_passes: dict[tuple[str, str], list[list[tuple[float, float]]]] = {}  # (decode, set) -> one pass
     for config in args.configs:
         decode, refine = config.split(":")
         for name, samples in sets.items():
             started = time.process_time()
             pred = align(model, processor, samples, chunk_long=True, decode=decode, refine_seconds=float(refine))
+            if float(refine) <= 0:
+                first_passes[(decode, name)] = pred
             refs = [[(w.start, w.end) for w in s.utt.words or []] for s in samples]
             errors = np.concatenate([boundary_errors_ms(p, r) for p, r in zip(pred, refs, strict=True)])
             times = np.concatenate([np.asarray(r, dtype=np.float64).reshape(-1) for r in refs])
@@ -62,10 +66,10 @@ def main() -> None:
             )
             if float(refine) > 0:
                 cuts = wrong = words = 0
-                for sample, first, ref in zip(
-                    samples, align(model, processor, samples, chunk_long=True), refs, strict=True
-                ):
-                    if sample.audio.size / 16000 <= float(refine):
+                if (decode, name) not in first_passes:  # the first pass the refinement planned its cuts from
+                    first_passes[(decode, name)] = align(model, processor, samples, chunk_long=True, decode=decode)
+                for sample, first, ref in zip(samples, first_passes[(decode, name)], refs, strict=True):
+                    if sample.audio.size / SAMPLE_RATE <= float(refine):
                         continue
                     centres = np.array([(a + b) / 2 for a, b in ref])
                     for cut, last in refine_cuts(sample.audio, first, float(refine)):
