@@ -16,7 +16,11 @@ IGNORE_INDEX = -100
 
 
 def target_token_ce(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_tokens: int = 0
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int = 0,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of labelled tokens.
 
@@ -28,24 +32,33 @@ def target_token_ce(
         chunk_tokens: > 0: evaluate the head and the loss ``chunk_tokens`` targets at a time, each chunk
             recomputed in backward (:func:`chunked_head_ce`), so no ``(N, V)`` fp32 logits tensor exists;
             0: all targets at once.
+        label_smoothing: ε of PyTorch's label smoothing: each target's distribution is
+            ``(1 - ε) · one-hot + ε / V`` over the whole vocabulary, so the loss per target is
+            ``(1 - ε) · NLL + ε · mean over v of -log p(v)``. 0: plain cross-entropy.
     """
     target = labels[:, 1:]  # (B, L-1)
     mask = target != IGNORE_INDEX  # (B, L-1)
     picked = hidden[:, :-1][mask]  # (N, H)
     if chunk_tokens > 0:
-        return chunked_head_ce(picked, target[mask], head, chunk_tokens), mask.sum()
+        return chunked_head_ce(picked, target[mask], head, chunk_tokens, label_smoothing), mask.sum()
     logits = head(picked).float()  # (N, V) — fp32 for a stable log-softmax under bf16 autocast
-    loss_sum = F.cross_entropy(logits, target[mask], reduction="sum")  # ()
+    loss_sum = F.cross_entropy(logits, target[mask], reduction="sum", label_smoothing=label_smoothing)  # ()
     return loss_sum, mask.sum()
 
 
-def _head_ce_sum(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+def _head_ce_sum(
+    hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module, label_smoothing: float = 0.0
+) -> torch.Tensor:
     logits = head(hidden).float()  # (C, V)
-    return F.cross_entropy(logits, target, reduction="sum")  # ()
+    return F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing)  # ()
 
 
 def chunked_head_ce(
-    hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module, chunk_tokens: int
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``target``, ``chunk_tokens`` rows at a time.
 
@@ -61,19 +74,20 @@ def chunked_head_ce(
         target: ``(N,)`` target ids.
         head: ``Linear(H, V)`` (or any module mapping ``(C, H)`` to ``(C, V)``).
         chunk_tokens: rows per chunk (> 0).
+        label_smoothing: as in :func:`target_token_ce`.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if hidden.shape[0] == 0:  # keep the graph (a zero loss still connected to the head)
-        return _head_ce_sum(hidden, target, head)
+        return _head_ce_sum(hidden, target, head, label_smoothing)
     total = hidden.new_zeros((), dtype=torch.float32)  # ()
     for start in range(0, hidden.shape[0], chunk_tokens):
         h = hidden[start : start + chunk_tokens]  # (C, H)
         t = target[start : start + chunk_tokens]  # (C,)
         if torch.is_grad_enabled():
-            part = torch.utils.checkpoint.checkpoint(_head_ce_sum, h, t, head, use_reentrant=False)
+            part = torch.utils.checkpoint.checkpoint(_head_ce_sum, h, t, head, label_smoothing, use_reentrant=False)
         else:
-            part = _head_ce_sum(h, t, head)
+            part = _head_ce_sum(h, t, head, label_smoothing)
         total = total + part
     return total
 

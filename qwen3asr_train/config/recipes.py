@@ -90,6 +90,11 @@ class SFTConfig(SFTAugmentation):
     """CTC targets from the lower-cased transcript with a leading space ("Dog door?" -> " dog door?"; the
     decoder's CE still trains the cased text): the audio of "Dog" and "dog" is the same, but the byte-level
     tokenizer writes them with different pieces, so the encoder would otherwise learn two spellings per word."""
+    label_smoothing: float = 0.0
+    """ε of the decoder's token cross-entropy in training (PyTorch's definition: ``(1 - ε)`` on the target,
+    ``ε / V`` on every vocabulary entry). Validation and the logged ``val/loss`` stay plain cross-entropy;
+    ``train/loss`` is the smoothed objective. A standard regulariser of attention decoders trained from
+    scratch (over-confident decoders loop and generalise worse); 0 = off, as upstream's recipe."""
     resume_from: str | None = None
     """Checkpoint to resume: ``auto`` (the newest intact checkpoint of this run directory, or a fresh start),
     ``last`` (this run directory's last.ckpt, falling back to the newest intact one), or a ``.ckpt`` path."""
@@ -111,6 +116,7 @@ class SFTConfig(SFTAugmentation):
             _require(0.0 <= value <= 1.0, f"recipe.{key}", "is a probability: must be in [0, 1]")
         _require(self.streaming_chunk_seconds > 0, "recipe.streaming_chunk_seconds", "must be positive")
         _require(self.ctc_weight >= 0.0, "recipe.ctc_weight", "must be >= 0")
+        _require(0.0 <= self.label_smoothing < 1.0, "recipe.label_smoothing", "must be in [0, 1)")
         _require(
             self.hotwords_max >= 1 and self.distractors_max >= 0,
             "recipe.hotwords_max",

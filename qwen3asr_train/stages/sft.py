@@ -78,7 +78,11 @@ class SFTModule(training.SummedValidation, L.LightningModule):
         """Summed CE (and CTC) of one micro-batch; shapes in ``data/collate.py``."""
         out = training.backbone_hidden(self.model, batch)
         ce_sum, n_tokens = target_token_ce(
-            out.last_hidden_state, batch["labels"], self.model.lm_head, self.recipe.ce_chunk_tokens
+            out.last_hidden_state,
+            batch["labels"],
+            self.model.lm_head,
+            self.recipe.ce_chunk_tokens,
+            self.recipe.label_smoothing if self.training else 0.0,  # validation reports plain cross-entropy
         )
         sums = {"ce_sum": ce_sum, "n_tokens": n_tokens}
         if self.recipe.ctc_weight > 0:
