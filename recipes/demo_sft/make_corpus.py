@@ -6,7 +6,7 @@ Why a script of its own: the demo's claim is that the model transcribes speech i
 used in training (``qwen3asr_train.tools.synthetic``, ``unseen_voices`` / ``unseen_rate_wpm``).
 Transcripts are cased and punctuated; scoring normalises both away, the model still has to write them.
 
-Usage: python recipes/demo_sft/make_corpus.py exp/demo_sft/corpus [--workers 2]
+Usage: python recipes/demo_sft/make_corpus.py exp/demo_sft/corpus [--workers 2] [--seed 0]
 """
 
 from __future__ import annotations
@@ -45,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="processes (texts and settings do not depend on it; the audio is bit-identical for the same count)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEMO_CORPUS["seed"],
+        help="another seed draws other sentences, voices and rates with the same recipe (robustness checks)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    manifests = make_corpus(args.out_dir, workers=args.workers, **DEMO_CORPUS)
+    manifests = make_corpus(args.out_dir, workers=args.workers, **{**DEMO_CORPUS, "seed": args.seed})
     for split, path in manifests.items():
         logging.info("%-11s %s", split, path)
     return 0
