@@ -79,7 +79,7 @@ format: install ## apply ruff formatting
 	$(VENV)/bin/ruff format qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
 	$(VENV)/bin/ruff check --fix qwen3asr_train tests data_tools benchmarks --extend-exclude benchmarks/upstream
 
-demo: install ## offline demo: synthetic speech -> small model (~0.6M params) SFT -> held-out WER/CER (seen and unseen voices) before/after -> export
+demo: install ## offline demo: synthetic speech -> small model (~1.0M params) SFT -> held-out WER/CER (seen and unseen voices) before/after -> export
 	bash recipes/demo_sft/run.sh
 
 clean: ## remove caches and outputs/ (keeps .venv and exp/, which holds the recipes' corpora and runs)

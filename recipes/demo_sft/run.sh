@@ -9,7 +9,7 @@
 # skip themselves once done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${DEMO_STEPS:-2000}; exp=exp/demo_sft
+steps=${DEMO_STEPS:-2500}; exp=exp/demo_sft
 if [ -n "${DEMO_EXP:-}" ]; then exp=$DEMO_EXP; fi
 . recipes/common.sh "$@"
 # glibc keeps freed batch tensors in its heap for the next step instead of mapping and unmapping them:
@@ -25,7 +25,7 @@ if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
 fi
 
 if [ $stage -le 1 ] && [ $stop_stage -ge 1 ] && [ ! -f $exp/sft/.done ]; then
-  log "Stage 1: SFT of a ~0.6M-parameter Qwen3-ASR (model=small, random init) for $steps steps"
+  log "Stage 1: SFT of a ~1.0M-parameter Qwen3-ASR (model=small with a 4-layer LLM, random init) for $steps steps"
   rm -rf $exp/sft
   $PY -m qwen3asr_train experiment=demo_sft trainer.max_steps=$steps evaluation.every_n_steps=$((steps / 2)) \
     data.train=$exp/corpus/train.jsonl evaluation.sets.heldout=$exp/corpus/test.jsonl \
