@@ -16,15 +16,15 @@ from tests.test_collate import samples
 
 def _by_hand(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, eps: float) -> float:
     """Σ over labelled targets of (1 − ε)·(−log p_y) + ε·mean_v(−log p_v), one position at a time in float64."""
-    w = head.weight.double()
-    b = head.bias.double() if head.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    w = head.weight.detach().double()
+    b = head.bias.detach().double() if head.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     total = 0.0
     for row in range(labels.shape[0]):
         for t in range(1, labels.shape[1]):
             y = int(labels[row, t])
             if y == IGNORE_INDEX:
                 continue
-            z = hidden[row, t - 1].double() @ w.T + b  # predicted from the previous position
+            z = hidden[row, t - 1].detach().double() @ w.T + b  # predicted from the previous position
             logp = z - torch.logsumexp(z, 0)
             total += float((1 - eps) * -logp[y] + eps * -logp.mean())
     return total
