@@ -9,7 +9,7 @@
 # skip themselves once done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${DEMO_STEPS:-2500}; exp=exp/demo_sft
+steps=${DEMO_STEPS:-3500}; exp=exp/demo_sft
 if [ -n "${DEMO_EXP:-}" ]; then exp=$DEMO_EXP; fi
 . recipes/common.sh "$@"
 # glibc keeps freed batch tensors in its heap for the next step instead of mapping and unmapping them:
