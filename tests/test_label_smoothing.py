@@ -74,13 +74,15 @@ def test_sft_module_smooths_in_training_only(tiny_model_and_processor) -> None:
     labels = batch["labels"]
     try:
         with torch.no_grad():
-            plain.train(), smooth.train()  # modules share the (dropout-free) model: same hidden states
+            plain.train()  # both modules wrap the same (dropout-free) model: same hidden states
+            smooth.train()
             hidden = training.backbone_hidden(model, batch).last_hidden_state
             want = _by_hand(hidden, labels, model.lm_head, 0.2)
             assert float(smooth.forward_sums(batch)["ce_sum"]) == pytest.approx(want, rel=1e-4)
             plain_train = float(plain.forward_sums(batch)["ce_sum"])
             assert plain_train == pytest.approx(_by_hand(hidden, labels, model.lm_head, 0.0), rel=1e-4)
-            plain.eval(), smooth.eval()
+            plain.eval()
+            smooth.eval()
             assert float(smooth.forward_sums(batch)["ce_sum"]) == pytest.approx(plain_train, rel=1e-5)
     finally:
         model.eval()
