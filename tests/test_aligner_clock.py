@@ -76,9 +76,11 @@ def setup(tmp_path_factory):
     return model, processor, [dataset.load(i) for i in range(len(dataset))]
 
 
-def _hand_clock_ce(model, batch) -> tuple[float, int]:
-    """One-hot clock CE by a loop over each row's ids (left-padded, one clip per row)."""
-    hidden = training.backbone_hidden(model, batch).last_hidden_state
+def _hand_clock_ce(model, batch, hidden=None) -> tuple[float, int]:
+    """One-hot clock CE by a loop over each row's ids (left-padded, one clip per row), on ``hidden`` (default:
+    the decoder's output)."""
+    if hidden is None:
+        hidden = training.backbone_hidden(model, batch).last_hidden_state
     audio_id = int(model.config.audio_token_id)
     states, labels = [], []
     for r, row in enumerate(batch["input_ids"].tolist()):
@@ -110,6 +112,44 @@ def test_clock_loss_equals_hand_construction_packed_or_not(setup):
             packed = module.forward_sums(PackingCollator(collator, budget)(tone))
             assert int(packed["clock_n"]) == ref_n
             assert float(packed["clock_sum"]) == pytest.approx(ref_ce, rel=1e-5)
+
+
+def test_clock_on_an_earlier_layer_reads_that_layers_output(setup):
+    model, processor, tone = setup
+    batch = AlignerCollator(processor, NUM_CLASSES, slot_prob=0.7, seed=0)(tone)
+    layers = int(model.config.text_config.num_hidden_layers)
+    assert layers >= 2
+    with torch.no_grad():
+        # independent reference: transformers' own per-layer states (index k + 1 = the output of layer k)
+        states = model.model(
+            input_ids=batch["input_ids"],
+            input_features=batch["input_features"],
+            input_features_mask=batch["input_features_mask"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states
+        first = model.model.language_model.norm(states[1])
+        ref_ce, ref_n = _hand_clock_ce(model, batch, hidden=first)
+        sums = {}
+        for layer in (0, -layers, -1, layers - 1):
+            module = AlignerModule(
+                model, AlignerConfig(audio_clock_weight=1.0, audio_clock_layer=layer, label_sigma_bins=0.0), 1
+            )
+            module.train()
+            model.eval()
+            sums[layer] = module.forward_sums(batch)
+    assert int(sums[0]["clock_n"]) == ref_n
+    assert float(sums[0]["clock_sum"]) == pytest.approx(ref_ce, rel=1e-5)
+    assert torch.equal(sums[0]["clock_sum"], sums[-layers]["clock_sum"])
+    # the last layer (by either index) is the default: the decoder's output, bit for bit
+    last_ce, _ = _hand_clock_ce(model, batch)
+    assert torch.equal(sums[-1]["clock_sum"], sums[layers - 1]["clock_sum"])
+    assert float(sums[-1]["clock_sum"]) == pytest.approx(last_ce, rel=1e-5)
+    assert abs(float(sums[0]["clock_sum"]) - last_ce) > 1e-3 * last_ce  # a different layer, a different loss
+    assert torch.equal(sums[0]["ce_sum"], sums[-1]["ce_sum"])  # the slot CE is untouched
+    with pytest.raises(ValueError, match="audio_clock_layer"):
+        AlignerModule(model, AlignerConfig(audio_clock_weight=1.0, audio_clock_layer=layers), 1)
 
 
 def test_weight_zero_is_exactly_the_slot_loss(setup):
@@ -154,6 +194,8 @@ def test_config_rejects_bad_clock_settings():
         AlignerConfig(audio_clock_weight=-1.0).validate()
     with pytest.raises(ValueError, match="audio_clock_fraction"):
         AlignerConfig(audio_clock_fraction=0.0).validate()
+    with pytest.raises(ValueError, match="audio_clock_layer"):  # a layer for a loss that is off
+        AlignerConfig(audio_clock_layer=0).validate()
 
 
 @pytest.mark.slow  # ~20 CPU-s (a training run and an export)

@@ -172,11 +172,24 @@ class DecodeConfig:
     align_refine_seconds: float = 0.0
     """Forced aligners: > 0 aligns a clip longer than this twice, the second time in pieces of at most this
     length cut at pauses between the first pass's words (no reference times; docs/aligner.md). 0 = one pass."""
+    align_chain_seconds: float = 0.0
+    """Forced aligners: > 0 aligns a clip longer than this as a chain of windows of this length, each started
+    where the previous one's words ended (no reference times, any clip length; needs an aligner trained with
+    ``recipe.span_prob`` > 0; docs/aligner.md). 0 = one pass."""
+    align_chain_fill: float = 0.5
+    """Chained windows: words given to a window = the clip's mean words per second x window x this."""
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
         _require(self.align_decode in {"argmax", "monotonic"}, "decode.align_decode", "must be argmax|monotonic")
         _require(self.align_refine_seconds >= 0, "decode.align_refine_seconds", "must be >= 0")
+        _require(self.align_chain_seconds >= 0, "decode.align_chain_seconds", "must be >= 0")
+        _require(0 < self.align_chain_fill <= 1, "decode.align_chain_fill", "must be in (0, 1]")
+        _require(
+            self.align_refine_seconds == 0 or self.align_chain_seconds == 0,
+            "decode.align_chain_seconds",
+            "and decode.align_refine_seconds are two long-clip passes: set one of them",
+        )
         _require(self.tokens_per_second > 0, "decode.tokens_per_second", "must be positive")
 
 
@@ -450,6 +463,13 @@ class AlignerConfig:
     time_shift_seconds: float = 0.0
     """Augmentation: move each training clip by U(-s, s) seconds, fresh per epoch (silence prepended or
     leading audio trimmed, never into the first word; word times follow). 0 = off."""
+    span_prob: float = 0.0
+    """Partial-transcript augmentation (training only): this share of the clips keeps only a random contiguous
+    run of its words, the audio from just before the run (``span_lead_seconds``) to the clip's end, so the
+    aligner learns to place the words it is given and ignore untranscribed speech around them: what
+    chained-window alignment of long recordings (``decode.align_chain_seconds``) feeds it. 0 = off."""
+    span_lead_seconds: float = 0.3
+    """Most audio kept before a span's first word (drawn uniformly from 0 to this)."""
     label_sigma_bins: float = 0.0
     """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
     audio_clock_weight: float = 0.0
@@ -458,6 +478,10 @@ class AlignerConfig:
     total is ``mean slot CE + w x mean clock CE`` per step. 0 = off (the loss is exactly the slot loss)."""
     audio_clock_fraction: float = 1.0
     """Share of the audio tokens the clock loss labels (a random subset per step; bounds its cost on long inputs)."""
+    audio_clock_layer: int = -1
+    """Decoder layer whose output the clock loss reads (through the decoder's final norm and the aligner head;
+    negative counts from the last). -1 = the decoder's output, as the slots. An earlier layer puts each audio
+    token's time into the residual stream *before* the later layers' attention reads it (docs/aligner.md)."""
     attn_sup_weight: float = 0.0
     """Auxiliary attention-supervision loss (training only, export unchanged): at every slot, one decoder head's
     attention (``attn_sup_layer``, ``attn_sup_head``) is trained by cross-entropy to put its mass on the audio
@@ -502,9 +526,16 @@ class AlignerConfig:
         )
         _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
+        _require(0.0 <= self.span_prob <= 1.0, "recipe.span_prob", "must be in [0, 1]")
+        _require(self.span_lead_seconds >= 0, "recipe.span_lead_seconds", "must be >= 0")
         _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
         _require(self.audio_clock_weight >= 0, "recipe.audio_clock_weight", "must be >= 0")
         _require(0.0 < self.audio_clock_fraction <= 1.0, "recipe.audio_clock_fraction", "must be in (0, 1]")
+        _require(
+            self.audio_clock_layer == -1 or self.audio_clock_weight > 0,
+            "recipe.audio_clock_layer",
+            "is read by the clock loss only: set recipe.audio_clock_weight > 0 too",
+        )
         _require(self.attn_sup_weight >= 0, "recipe.attn_sup_weight", "must be >= 0")
         _require(self.attn_sup_head >= -1, "recipe.attn_sup_head", "must be a head index or -1 (mean of heads)")
         _require(self.attn_sup_sigma_ms > 0, "recipe.attn_sup_sigma_ms", "must be > 0")

@@ -230,9 +230,18 @@ class AlignerCollator:
         check_units: bool = True,
         time_shift_seconds: float = 0.0,
         augment: Augmenter | None = None,
+        span_prob: float = 0.0,
+        span_lead_seconds: float = 0.3,
     ) -> None:
         """``augment``: the training-audio transforms (``data/transforms.py``; speed moves the word times);
-        None for clean batches."""
+        None for clean batches. ``span_prob`` / ``span_lead_seconds``: the partial-transcript augmentation
+        (:meth:`spanned`)."""
+        if not 0.0 <= span_prob <= 1.0:
+            raise ValueError(f"span_prob must be in [0, 1], got {span_prob}")
+        if span_lead_seconds < 0:
+            raise ValueError(f"span_lead_seconds must be >= 0, got {span_lead_seconds}")
+        self.span_prob = span_prob
+        self.span_lead_seconds = span_lead_seconds
         if not 0.0 <= slot_prob <= 1.0:
             raise ValueError(f"slot_prob must be in [0, 1], got {slot_prob}")
         if time_shift_seconds < 0:
@@ -303,6 +312,37 @@ class AlignerCollator:
         utt = replace(sample.utt, words=moved, duration=audio.size / SAMPLE_RATE)
         return Sample(utt, audio, sample.index)
 
+    def spanned(self, sample: Sample, epoch: int) -> Sample:
+        """With probability ``span_prob``: only a contiguous run of the words, the audio kept from just before
+        the run's first word to the end of the clip (training augmentation).
+
+        Why: chained-window alignment of long recordings (``eval/align_eval.py: chain_align``) feeds the
+        aligner a window of audio that starts just before the next unaligned word (up to ``span_lead_seconds``
+        earlier, possibly inside the previous word) and goes on past the last word it is given, because where
+        the given words end is what the window is for. A model trained on whole transcripts only stretches
+        the given words over the untranscribed speech. The run ``[a, b)`` is drawn uniformly (a ≥ 0, b > a,
+        not the whole clip); when ``a > 0`` the audio starts ``U(0, span_lead_seconds)`` before word ``a``
+        and the word times move with it. The draw has its own RNG stream per (seed, epoch, index).
+        """
+        words = sample.utt.words or []
+        if self.span_prob <= 0 or len(words) < 2:
+            return sample
+        rng = row_rng(self.seed, epoch, sample.index, "span")
+        if rng.random() >= self.span_prob:
+            return sample
+        while True:
+            a = rng.randrange(len(words))
+            b = rng.randrange(a + 1, len(words) + 1)
+            if (a, b) != (0, len(words)):
+                break
+        start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
+        n = int(round(start * SAMPLE_RATE))
+        delta = n / SAMPLE_RATE
+        kept = [AlignedWord(w.word, max(0.0, w.start - delta), max(0.0, w.end - delta)) for w in words[a:b]]
+        audio = sample.audio[n:]
+        utt = replace(sample.utt, words=kept, duration=audio.size / SAMPLE_RATE)
+        return Sample(utt, audio, sample.index)
+
     def row(self, sample: Sample, slotted: list[bool], n_audio: int) -> tuple[list[int], list[int], list[AlignedWord]]:
         """(ids with the audio pad expanded to ``n_audio``, labels, the slotted reference words)."""
         words = sample.utt.words or []
@@ -337,6 +377,8 @@ class AlignerCollator:
                 )
             if self.check_units:
                 check_word_units(s.utt)
+        # after the unit check: a span's words are a slice of checked units (its text is not re-cut)
+        samples = [self.spanned(s, epoch) for s in samples]
         feats = mel_features(
             self.feature_extractor, [s.audio for s in samples], self.augment, epoch, [s.index for s in samples]
         )

@@ -162,6 +162,99 @@ def refine_cuts(
     return cuts
 
 
+def _window_piece(sample: Sample, t0: float, t1: float, first: int, count: int) -> Sample:
+    """The audio ``[t0, t1)`` s of ``sample`` with its words ``first .. first + count - 1`` (text only: their
+    times are placeholders, so a chained pass never reads the reference)."""
+    a, b = int(round(t0 * SAMPLE_RATE)), int(round(t1 * SAMPLE_RATE))
+    chosen = (sample.utt.words or [])[first : first + count]
+    utt = replace(
+        sample.utt,
+        id=f"{sample.utt.id}@{a / SAMPLE_RATE:.2f}",
+        duration=(b - a) / SAMPLE_RATE,
+        text=" ".join(w.word for w in chosen),
+        words=[AlignedWord(w.word, 0.0, 0.0) for w in chosen],
+    )
+    return Sample(utt, sample.audio[a:b], sample.index)
+
+
+@torch.no_grad()
+def chain_align(
+    model: torch.nn.Module,
+    processor: Qwen3ASRProcessor,
+    samples: Sequence[Sample],
+    window_s: float,
+    fill: float = 0.5,
+    max_batch_seconds: float = 240.0,
+    max_batch_size: int = 32,
+    decode: str = "argmax",
+    accept: float = 0.5,
+    guard_s: float = 0.2,
+    back_s: float = 0.2,
+) -> list[list[tuple[float, float]]]:
+    """Align long clips as a chain of short windows, each started where the previous one's words ended.
+
+    Why: a small aligner is accurate in the first seconds of a clip and drifts later (docs/aligner.md), so
+    a long recording is aligned as windows of at most ``window_s`` seconds, each one short-clip-like. Window
+    *r* of a clip covers the audio ``[t0, t0 + window_s)`` and is given the next ``m`` unaligned words, ``m``
+    the clip's mean words per second x ``window_s`` x ``fill`` (so the words fit in the window even where the
+    speech is ``1 / fill`` times slower than average); its words are accepted in order while they end in the
+    first ``accept`` share of the window and at least ``guard_s`` before its end (at least one word per
+    window, so the chain always advances; the last words of a window are the least sure, and a misplaced
+    anchor would start the next window in the wrong place), and the next window starts ``back_s`` before the
+    last accepted word's end. The last window takes all remaining words. No reference time is read: only the audio and the word texts. The aligner must have
+    been trained on partial transcripts (``recipe.span_prob``): a window's audio goes on past its words.
+
+    Windows of every clip at the same chain position form one batch, so the model runs once per window
+    position, not once per window.
+    """
+    num_classes = int(model.config.num_labels)
+    limit = max_addressable_seconds(num_classes) - 0.04
+    if not 0 < window_s <= limit:
+        raise ValueError(f"chain window {window_s:g} s must be in (0, {limit:g}] s (the classes' range)")
+    if not 0 < fill <= 1:
+        raise ValueError(f"chain fill {fill:g} must be in (0, 1]")
+    loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
+    out: list[list[tuple[float, float]]] = [[] for _ in samples]
+    state = {i: (0.0, 0) for i, s in enumerate(samples) if s.utt.words}  # clip -> (window start s, next word)
+    windows = 0
+    while state:
+        units: list[tuple[int, float, Sample]] = []
+        final: dict[int, bool] = {}
+        for i, (t0, first) in state.items():
+            t0 = round(t0 * SAMPLE_RATE) / SAMPLE_RATE  # on a sample, so the piece starts exactly at its offset
+            sample = samples[i]
+            total = sample.audio.size / SAMPLE_RATE
+            words = sample.utt.words or []
+            rate = len(words) / max(total, 1e-6)
+            last_window = total - t0 <= window_s
+            count = len(words) - first if last_window else max(1, round(rate * window_s * fill))
+            count = min(count, len(words) - first)
+            final[i] = last_window
+            units.append((i, t0, _window_piece(sample, t0, min(total, t0 + window_s), first, count)))
+        spans = _align_units(model, processor, loose, units, len(samples), max_batch_seconds, max_batch_size, decode)
+        windows += len(units)
+        for i, t0, _ in units:
+            first = state[i][1]
+            got = spans[i]
+            if final[i]:
+                out[i] += got
+                del state[i]
+                continue
+            keep = 0
+            limit = t0 + min(window_s - guard_s, accept * window_s)
+            while keep < len(got) and got[keep][1] <= limit:
+                keep += 1
+            keep = max(keep, 1)
+            out[i] += got[:keep]
+            nxt = first + keep
+            if nxt >= len(samples[i].utt.words or []):
+                del state[i]
+                continue
+            state[i] = (max(t0 + 0.01, got[keep - 1][1] - back_s), nxt)
+    log.debug("chained alignment: %d clips, %d windows of <= %g s", len(samples), windows, window_s)
+    return out
+
+
 @torch.no_grad()
 def align(
     model: torch.nn.Module,
@@ -172,6 +265,8 @@ def align(
     chunk_long: bool = False,
     decode: str = "argmax",
     refine_seconds: float = 0.0,
+    chain_seconds: float = 0.0,
+    chain_fill: float = 0.5,
 ) -> list[list[tuple[float, float]]]:
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
 
@@ -181,11 +276,41 @@ def align(
     (:data:`~qwen3asr_train.eval.alignment.DECODE_METHODS`). ``refine_seconds`` > 0: a clip longer than that
     is aligned twice, the second time in pieces of at most that length cut at pauses between the first
     pass's words (:func:`refine_cuts`; no reference times used), so long recordings get the accuracy the
-    model has on clips of its training length.
+    model has on clips of its training length. ``chain_seconds`` > 0: a clip longer than that is aligned as a
+    chain of windows of that length (:func:`chain_align`, ``chain_fill``; no reference times used, any
+    length), instead of in one piece.
     """
+    if refine_seconds > 0 and chain_seconds > 0:
+        raise ValueError("choose one long-clip pass: refine_seconds or chain_seconds, not both")
     num_classes = int(model.config.num_labels)
     collator = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=not chunk_long)
     limit = max_addressable_seconds(num_classes) - 0.04  # the last half bin clips to the last class
+    if chain_seconds > 0:
+        longer = [i for i, s in enumerate(samples) if s.audio.size / SAMPLE_RATE > chain_seconds]
+        if longer:
+            chosen = set(longer)
+            rest = [i for i in range(len(samples)) if i not in chosen]
+            picked = [samples[i] for i in rest]
+            short = (
+                align(model, processor, picked, max_batch_seconds, max_batch_size, chunk_long, decode) if rest else []
+            )
+            chained = chain_align(
+                model,
+                processor,
+                [samples[i] for i in longer],
+                chain_seconds,
+                chain_fill,
+                max_batch_seconds,
+                max_batch_size,
+                decode,
+            )
+            out: list[list[tuple[float, float]]] = [[] for _ in samples]
+            for i, spans in zip(rest, short, strict=True):
+                out[i] = spans
+            for i, spans in zip(longer, chained, strict=True):
+                out[i] = spans
+            log.info("chained alignment: %d clips over %g s", len(longer), chain_seconds)
+            return out
     units: list[tuple[int, float, Sample]] = []  # (sample index, offset s, piece)
     for i, sample in enumerate(samples):
         pieces = split_long_sample(sample, limit) if chunk_long else [(0.0, sample)]
@@ -505,6 +630,8 @@ class AlignmentEvaluator:
         unit_report: UnitPolicyReport | None = None,
         decode: str = "argmax",
         refine_seconds: float = 0.0,
+        chain_seconds: float = 0.0,
+        chain_fill: float = 0.5,
     ) -> None:
         """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
         with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
@@ -522,6 +649,8 @@ class AlignmentEvaluator:
         self.max_batch_size = max_batch_size
         self.decode = decode
         self.refine_seconds = refine_seconds
+        self.chain_seconds = chain_seconds
+        self.chain_fill = chain_fill
         self.title: str | None = None
 
     @classmethod
@@ -532,7 +661,7 @@ class AlignmentEvaluator:
         decode: DecodeConfig,
         unit_report: UnitPolicyReport | None = None,
     ) -> AlignmentEvaluator:
-        """The evaluator with the batching, slot decoding and refinement of ``decode`` (``recipe.decode`` of
+        """The evaluator with the batching, slot decoding and long-clip pass of ``decode`` (``recipe.decode`` of
         ``recipe=eval``, ``evaluation.decode`` of the training hook)."""
         return cls(
             processor,
@@ -542,6 +671,8 @@ class AlignmentEvaluator:
             unit_report=unit_report,
             decode=decode.align_decode,
             refine_seconds=decode.align_refine_seconds,
+            chain_seconds=decode.align_chain_seconds,
+            chain_fill=decode.align_chain_fill,
         )
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
@@ -555,6 +686,8 @@ class AlignmentEvaluator:
                 chunk_long=True,
                 decode=self.decode,
                 refine_seconds=self.refine_seconds,
+                chain_seconds=self.chain_seconds,
+                chain_fill=self.chain_fill,
             )
             for name, samples in self.sets.items()
         }

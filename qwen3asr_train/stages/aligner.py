@@ -172,6 +172,25 @@ def capture_attention_inputs(attn: torch.nn.Module) -> Iterator[dict[str, Any]]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def capture_layer_output(layer: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """Record the output hidden states ``(R, L, H)`` of ``layer`` (a decoder layer; the residual stream after
+    it, before any final norm) on the forwards run inside the block, under key ``output``.
+
+    Why: ``recipe.audio_clock_layer`` trains an earlier layer's output to carry each audio token's time; the
+    full ``output_hidden_states`` would keep every layer's states alive for nothing."""
+    store: dict[str, Any] = {}
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        store["output"] = output[0] if isinstance(output, tuple) else output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
 def attention_key_mask(batch: dict, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``(S, L)`` bool: the keys the query at ``(rows[s], positions[s])`` attends to in the model's forward.
 
@@ -279,6 +298,13 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
                     f"recipe.attn_sup_layer={recipe.attn_sup_layer} / attn_sup_head={recipe.attn_sup_head}: "
                     f"the decoder has {layers} layers of {heads} heads"
                 )
+        layers = int(model.config.text_config.num_hidden_layers)
+        if not -layers <= recipe.audio_clock_layer < layers:
+            raise ValueError(f"recipe.audio_clock_layer={recipe.audio_clock_layer}: the decoder has {layers} layers")
+        # None: the clock reads the decoder's output (the last layer, after the final norm), as the slots do.
+        self._clock_layer: int | None = recipe.audio_clock_layer % layers
+        if self._clock_layer == layers - 1:
+            self._clock_layer = None
         self.slot_log_prior: torch.Tensor | None = None  # (C,) set by set_slot_prior when slot_prior_tau > 0
         self.norm = training.StepNormaliser()
         self.flops = training.ModelFlops.from_model(model)
@@ -317,8 +343,14 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
 
     def forward_sums(self, batch: dict) -> dict[str, torch.Tensor]:
         supervise = self.recipe.attn_sup_weight > 0 and self.training
-        attn = self.model.model.language_model.layers[self.recipe.attn_sup_layer].self_attn if supervise else None
-        with capture_attention_inputs(attn) if attn is not None else contextlib.nullcontext({}) as captured:
+        decoder = self.model.model.language_model
+        attn = decoder.layers[self.recipe.attn_sup_layer].self_attn if supervise else None
+        clock = self.recipe.audio_clock_weight > 0 and self.training
+        mid = decoder.layers[self._clock_layer] if clock and self._clock_layer is not None else None
+        with (
+            capture_attention_inputs(attn) if attn is not None else contextlib.nullcontext({}) as captured,
+            capture_layer_output(mid) if mid is not None else contextlib.nullcontext({}) as layer_out,
+        ):
             out = training.backbone_hidden(self.model, batch)
         ce_sum, n_slots, predicted = slot_ce(
             out.last_hidden_state, batch["labels"], self._slot_head(), self.recipe.label_sigma_bins
@@ -332,8 +364,9 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         }
         if self.recipe.ctc_weight > 0 and self.training:
             sums["ctc_sum"] = self._ctc(out.audio_hidden_states, batch)
-        if self.recipe.audio_clock_weight > 0 and self.training:
-            sums.update(self._clock(out.last_hidden_state, batch))
+        if clock:
+            hidden = out.last_hidden_state if mid is None else decoder.norm(layer_out["output"])
+            sums.update(self._clock(hidden, batch))
         if attn is not None:
             sums["attn_sum"] = self._attention_ce(attn, captured, batch)
         return sums
@@ -520,6 +553,8 @@ def prepare(
         cfg.seed,
         time_shift_seconds=recipe.time_shift_seconds,
         augment=build_augmenter(cfg.data.augment, "aligner", cfg.seed),
+        span_prob=recipe.span_prob,
+        span_lead_seconds=recipe.span_lead_seconds,
     )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
     collator, full = maybe_packed(collator, cfg.data), maybe_packed(full, cfg.data)

@@ -101,6 +101,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         recipe.decode.max_batch_size,
         decode=recipe.decode.align_decode,
         refine_seconds=recipe.decode.align_refine_seconds,
+        chain_seconds=recipe.decode.align_chain_seconds,
+        chain_fill=recipe.decode.align_chain_fill,
     )
     path = out_dir / "alignments.jsonl"
     with open(path, "w", encoding="utf-8") as handle:

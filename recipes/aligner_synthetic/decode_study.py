@@ -6,7 +6,8 @@ evaluation cannot know. docs/results.md (2026-12-02, sixth session) has its outp
 
 Usage: .venv/bin/python recipes/aligner_synthetic/decode_study.py MODEL SET=MANIFEST [SET=MANIFEST ...]
            [--configs argmax:0 monotonic:0 argmax:6]
-MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS.
+MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS, or DECODE:chainW[:FILL]
+for chained windows of W seconds (``decode.align_chain_seconds``; FILL default 0.5).
 """
 
 from __future__ import annotations
@@ -40,11 +41,28 @@ def main() -> None:
     sets = load_eval_sets(dict(s.split("=", 1) for s in args.sets), row_checks(DataConfig()), "skip")
     first_passes: dict[tuple[str, str], list[list[tuple[float, float]]]] = {}  # (decode, set) -> one pass
     for config in args.configs:
-        decode, refine = config.split(":")
+        decode, refine, *rest = config.split(":")
+        chain = float(refine[len("chain") :]) if refine.startswith("chain") else 0.0
+        fill = float(rest[0]) if rest else 0.5
+        if chain > 0:
+            refine = "0"
         for name, samples in sets.items():
             started = time.process_time()
-            pred = align(model, processor, samples, chunk_long=True, decode=decode, refine_seconds=float(refine))
-            if float(refine) <= 0:
+            pred = align(
+                model,
+                processor,
+                samples,
+                chunk_long=True,
+                decode=decode,
+                refine_seconds=float(refine),
+                chain_seconds=chain,
+                chain_fill=fill,
+            )
+            if chain > 0:
+                name_shown = f"{name} chain {chain:g}/{fill:g}"
+            else:
+                name_shown = name
+            if float(refine) <= 0 and chain <= 0:
                 first_passes[(decode, name)] = pred
             refs = [[(w.start, w.end) for w in s.utt.words or []] for s in samples]
             errors = np.concatenate([boundary_errors_ms(p, r) for p, r in zip(pred, refs, strict=True)])
@@ -55,10 +73,10 @@ def main() -> None:
                 if ((times >= lo) & (times < hi)).any()
             ]
             log.info(
-                "%-9s refine %-4s %-13s AAS %7.1f ms  median %5.0f  by time [%s]  (%.0f CPU-s)",
+                "%-9s refine %-4s %-24s AAS %7.1f ms  median %5.0f  by time [%s]  (%.0f CPU-s)",
                 decode,
                 refine,
-                name,
+                name_shown,
                 errors.mean(),
                 np.median(errors),
                 " ".join(bins),

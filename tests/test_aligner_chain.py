@@ -1,0 +1,174 @@
+"""Chained-window alignment of long clips (``eval/align_eval.py: chain_align``) and the partial-transcript
+training augmentation it needs (``AlignerCollator.spanned``, ``recipe.span_prob``).
+
+Independent references: the original clip's samples and word times (a span must be a slice of both, to the
+sample), and an oracle aligner that returns the true times of the words it is given: with it, a correct chain
+returns the reference exactly, so any bookkeeping slip (window offsets, accepted words, the next window's
+start) shows as a difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen3asr_train.config.base import ConfigError
+from qwen3asr_train.config.recipes import AlignerConfig, DecodeConfig
+from qwen3asr_train.config.schema import ModelConfig
+from qwen3asr_train.data.aligner import AlignerCollator
+from qwen3asr_train.data.audio import SAMPLE_RATE
+from qwen3asr_train.data.dataset import Sample
+from qwen3asr_train.data.manifest import AlignedWord, Utterance
+from qwen3asr_train.eval import align_eval
+from qwen3asr_train.eval.align_eval import align, chain_align
+from qwen3asr_train.model.builder import build_model
+
+NUM_CLASSES = 100  # 8 s
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(ModelConfig(source="tiny", task="aligner", num_labels=NUM_CLASSES), seed=0)
+
+
+def _clip(n_words: int, seconds_per_word: float = 0.5, lead: float = 0.3, index: int = 0) -> Sample:
+    """``n_words`` unique words (w0, w1, ...), each 0.4 s of speech then a pause, and an audio ramp whose value
+    at every sample is its index (so a cut's position can be read off its first sample)."""
+    words = [
+        AlignedWord(f"w{k}", lead + k * seconds_per_word, lead + k * seconds_per_word + 0.4) for k in range(n_words)
+    ]
+    total = words[-1].end + 0.3
+    audio = np.arange(int(round(total * SAMPLE_RATE)), dtype=np.float64).astype(np.float32)
+    utt = Utterance(
+        id=f"clip{index}",
+        audio=f"clip{index}.wav",
+        text=" ".join(w.word for w in words),
+        language="English",
+        words=words,
+        duration=total,
+    )
+    return Sample(utt, audio, index)
+
+
+def test_a_span_is_a_slice_of_the_words_and_of_the_audio(tiny):
+    _, processor = tiny
+    collator = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=3, span_prob=1.0, span_lead_seconds=0.3)
+    sample = _clip(8)
+    seen = set()
+    for epoch in range(40):
+        got = collator.spanned(sample, epoch)
+        cut = float(got.audio[0]) / SAMPLE_RATE  # the ramp: the first kept sample's index
+        names = [w.word for w in got.utt.words]
+        a = int(names[0][1:])
+        assert names == [f"w{k}" for k in range(a, a + len(names))]  # contiguous
+        assert names != [w.word for w in sample.utt.words]  # never the whole clip
+        seen.add((a, len(names)))
+        assert got.audio.size == sample.audio.size - int(round(cut * SAMPLE_RATE))  # kept to the clip's end
+        if a == 0:
+            assert cut == 0.0
+        else:  # starts up to 0.3 s before its first word
+            assert 0.0 <= sample.utt.words[a].start - cut <= 0.3 + 1 / SAMPLE_RATE
+        for w in got.utt.words:  # times move with the audio, to the sample
+            ref = sample.utt.words[int(w.word[1:])]
+            assert w.start + cut == pytest.approx(ref.start, abs=1e-9)
+            assert w.end + cut == pytest.approx(ref.end, abs=1e-9)
+        assert collator.spanned(sample, epoch).utt.words == got.utt.words  # same draw for (seed, epoch, index)
+    assert len(seen) > 10  # the draw varies over epochs
+    assert AlignerCollator(processor, NUM_CLASSES, 1.0, seed=3).spanned(sample, 0) is sample  # off by default
+
+
+def test_span_probability_and_its_labels(tiny):
+    _, processor = tiny
+    collator = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_prob=0.5)
+    samples = [_clip(6, index=i) for i in range(200)]
+    spanned = sum(collator.spanned(s, 0) is not s for s in samples)
+    assert 70 < spanned < 130
+    batch = collator(samples[:4], 0)
+    for row, words in zip(batch["labels"], batch["slotted_words"], strict=True):  # labels follow the span's times
+        classes = row[row != -100].tolist()
+        expected = [round(t / 0.08 + 1e-9) for w in words for t in (w[1], w[2])]
+        assert classes == expected
+    with pytest.raises(ValueError, match="span_prob"):
+        AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_prob=1.5)
+    with pytest.raises(ConfigError, match="span_prob"):
+        AlignerConfig(span_prob=-0.1).validate()
+
+
+def _oracle(samples: list[Sample], seen: list[tuple[int, float, list[str]]]):
+    """A perfect aligner for :func:`chain_align`: each given word gets its true time relative to the window,
+    squeezed into the window when it lies past its end (what a real aligner would have to do)."""
+    truth = {(s.index, w.word): (w.start, w.end) for s in samples for w in s.utt.words}
+
+    def align_units(model, processor, collator, units, num_samples, *args):
+        out = [[] for _ in range(num_samples)]
+        for i, t0, piece in units:
+            names = [w.word for w in piece.utt.words]
+            assert all(w.start == w.end == 0.0 for w in piece.utt.words)  # no reference time reaches the model
+            seen.append((i, t0, names))
+            length = piece.audio.size / SAMPLE_RATE
+            for name in names:
+                start, end = truth[(samples[i].index, name)]
+                out[i].append((t0 + min(start - t0, length), t0 + min(end - t0, length)))
+        return out
+
+    return align_units
+
+
+def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch):
+    model, processor = tiny
+    samples = [_clip(40, index=0), _clip(23, seconds_per_word=0.8, index=1), _clip(3, index=2)]
+    seen: list[tuple[int, float, list[str]]] = []
+    monkeypatch.setattr(align_eval, "_align_units", _oracle(samples, seen))
+    out = chain_align(model, processor, samples, window_s=6.0, fill=0.5)
+    for sample, spans in zip(samples, out, strict=True):
+        assert spans == [(w.start, w.end) for w in sample.utt.words]
+    # every word was given to exactly one accepted window position, in order; windows never exceed 6 s
+    for i, sample in enumerate(samples):
+        windows = [(t0, names) for j, t0, names in seen if j == i]
+        assert [t0 for t0, _ in windows] == sorted(t0 for t0, _ in windows)
+        assert windows[0][0] == 0.0
+        assert len(windows) > 1 or sample.audio.size / SAMPLE_RATE <= 6.0
+        given = [n for _, names in windows for n in names]
+        assert set(given) == {w.word for w in sample.utt.words}
+
+
+def test_the_chain_always_advances(tiny, monkeypatch):
+    model, processor = tiny
+    samples = [_clip(30)]
+
+    def stuck(model, processor, collator, units, num_samples, *args):  # every word at the window's end
+        out = [[] for _ in range(num_samples)]
+        for i, t0, piece in units:
+            end = t0 + piece.audio.size / SAMPLE_RATE
+            out[i] = [(end, end)] * len(piece.utt.words)
+        return out
+
+    monkeypatch.setattr(align_eval, "_align_units", stuck)
+    out = chain_align(model, processor, samples, window_s=4.0)
+    assert len(out[0]) == 30
+
+
+def test_chained_alignment_with_a_real_model_returns_every_word(tiny):
+    model, processor = tiny
+    samples = [_clip(30, index=0), _clip(4, index=1)]  # 15.6 s: longer than the 8 s the classes address
+    with pytest.raises(ValueError, match="exceeds"):
+        align(model, processor, samples)
+    out = align(model, processor, samples, chain_seconds=5.0)
+    for sample, spans in zip(samples, out, strict=True):
+        assert len(spans) == len(sample.utt.words)
+        total = sample.audio.size / SAMPLE_RATE
+        assert all(0.0 <= a <= b <= total + 1e-6 for a, b in spans)
+    with pytest.raises(ValueError, match="one long-clip pass"):
+        align(model, processor, samples, chain_seconds=5.0, refine_seconds=5.0)
+    with pytest.raises(ValueError, match="classes' range"):
+        chain_align(model, processor, samples, window_s=9.0)
+
+
+def test_decode_config_validates_the_chain():
+    DecodeConfig(align_chain_seconds=6.0).validate()
+    with pytest.raises(ConfigError, match="align_chain_seconds"):
+        DecodeConfig(align_chain_seconds=-1.0).validate()
+    with pytest.raises(ConfigError, match="align_chain_fill"):
+        DecodeConfig(align_chain_seconds=6.0, align_chain_fill=0.0).validate()
+    with pytest.raises(ConfigError, match="align_chain_seconds"):
+        DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
