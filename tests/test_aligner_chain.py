@@ -114,14 +114,15 @@ def _oracle(samples: list[Sample], seen: list[tuple[int, float, list[str]]]):
     return align_units
 
 
-def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch):
+@pytest.mark.parametrize("overlap", [0, 1, 2])
+def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch, overlap):
     model, processor = tiny
     samples = [_clip(40, index=0), _clip(23, seconds_per_word=0.8, index=1), _clip(3, index=2)]
     seen: list[tuple[int, float, list[str]]] = []
     monkeypatch.setattr(align_eval, "_align_units", _oracle(samples, seen))
-    out = chain_align(model, processor, samples, window_s=6.0, fill=0.5)
+    out = chain_align(model, processor, samples, window_s=6.0, fill=0.5, overlap=overlap)
     for sample, spans in zip(samples, out, strict=True):
-        assert spans == [(w.start, w.end) for w in sample.utt.words]
+        assert np.asarray(spans) == pytest.approx(np.asarray([(w.start, w.end) for w in sample.utt.words]), abs=1e-9)
     # every word was given to exactly one accepted window position, in order; windows never exceed 6 s
     for i, sample in enumerate(samples):
         windows = [(t0, names) for j, t0, names in seen if j == i]
@@ -130,6 +131,15 @@ def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch):
         assert len(windows) > 1 or sample.audio.size / SAMPLE_RATE <= 6.0
         given = [n for _, names in windows for n in names]
         assert set(given) == {w.word for w in sample.utt.words}
+        again = 0  # each window after the first starts with the last `overlap` words the previous one accepted
+        for (t0, names), (t1, after) in zip(windows[:-1], windows[1:], strict=True):
+            new = [int(n[1:]) for n in names[again:]]
+            keep = max(1, sum(sample.utt.words[k].end <= t0 + 3.0 for k in new))  # accept: first half of 6 s
+            again = min(overlap, new[0] + keep)
+            assert int(after[0][1:]) == new[0] + keep - again
+            # started back_s (0.2 s) before the first re-given word's start, or the last accepted word's end
+            anchor = sample.utt.words[int(after[0][1:])].start if overlap else sample.utt.words[new[0] + keep - 1].end
+            assert t1 == pytest.approx(max(t0 + 0.01, anchor - 0.2), abs=1e-4)
 
 
 def test_the_chain_always_advances(tiny, monkeypatch):
@@ -172,3 +182,63 @@ def test_decode_config_validates_the_chain():
         DecodeConfig(align_chain_seconds=6.0, align_chain_fill=0.0).validate()
     with pytest.raises(ConfigError, match="align_chain_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
+
+
+def test_a_window_span_is_cut_like_a_chain_window(tiny):
+    """``span_window_seconds``: the audio is a slice of at most W seconds, its words are exactly those of the
+    run that end inside it (times moved to the sample), and a clip longer than W is always cut."""
+    _, processor = tiny
+    window = 2.0
+    collator = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=5, span_prob=0.0, span_window_seconds=window)
+    sample = _clip(20)  # 10.3 s
+    starts = set()
+    for epoch in range(60):
+        got = collator.spanned(sample, epoch)
+        cut = float(got.audio[0]) / SAMPLE_RATE
+        starts.add(round(cut, 1))
+        assert 0 < got.audio.size <= int(round(window * SAMPLE_RATE))  # at most one window, despite span_prob 0
+        assert got.audio[-1] == got.audio[0] + got.audio.size - 1  # one contiguous slice of the ramp
+        names = [int(w.word[1:]) for w in got.utt.words]
+        assert names == list(range(names[0], names[0] + len(names)))
+        stop = cut + got.audio.size / SAMPLE_RATE
+        for w in got.utt.words:
+            ref = sample.utt.words[int(w.word[1:])]
+            assert w.start + cut == pytest.approx(ref.start, abs=1e-9)
+            assert w.end + cut == pytest.approx(ref.end, abs=1e-9)
+            assert ref.end <= stop + 1e-9  # every kept word ends inside the window
+        a = names[0]
+        assert a == 0 or 0.0 <= sample.utt.words[a].start - cut <= 0.3 + 1 / SAMPLE_RATE
+    assert len(starts) > 10
+    short = _clip(3)  # 1.7 s: shorter than the window, so span_prob (0) decides: untouched
+    assert collator.spanned(short, 0) is short
+    with pytest.raises(ValueError, match="span_window_seconds"):
+        AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_window_seconds=-1.0)
+    with pytest.raises(ConfigError, match="span_window_seconds"):
+        AlignerConfig(span_window_seconds=6.0, slot_prior_tau=1.0).validate()
+    tight = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_window_seconds=0.2)  # shorter than a word
+    with pytest.raises(ValueError, match="no word ends inside"):
+        tight.spanned(sample, 0)
+
+
+def test_long_form_items_are_batched_by_their_window(tmp_path):
+    """A windowed :class:`LongFormDataset` reports the window, not the joined length, to the batch sampler."""
+    from qwen3asr_train.data.aligner import LongFormDataset
+    from qwen3asr_train.data.dataset import UtteranceDataset
+
+    utts = [
+        Utterance(
+            id=f"u{k}",
+            audio=str(tmp_path / f"u{k}.wav"),
+            text="a b",
+            language="English",
+            words=[AlignedWord("a", 0.1, 0.5), AlignedWord("b", 0.6, 1.0)],
+            duration=1.5 + k,
+        )
+        for k in range(4)
+    ]
+    base = UtteranceDataset(utts)
+    plain = LongFormDataset(base, 30.0, 0.5, 375)
+    windowed = LongFormDataset(base, 30.0, 0.5, 375, window_seconds=3.0)
+    assert plain.durations()[:4] == [1.5, 2.5, 3.5, 4.5]
+    assert plain.durations()[4:] == [pytest.approx(1.5 + 2.5 + 3.5 + 4.5 + 3 * 0.5)]  # one joined group
+    assert windowed.durations() == [min(d, 3.0) for d in plain.durations()]

@@ -470,6 +470,10 @@ class AlignerConfig:
     chained-window alignment of long recordings (``decode.align_chain_seconds``) feeds it. 0 = off."""
     span_lead_seconds: float = 0.3
     """Most audio kept before a span's first word (drawn uniformly from 0 to this)."""
+    span_window_seconds: float = 0.0
+    """> 0: a span's audio is also cut to at most this many seconds (the chain window,
+    ``decode.align_chain_seconds``), keeping the words that end inside it; clips longer than this (long-form
+    items of ``concat_max_seconds``) are always cut so, and are batched by the window's length. 0 = off."""
     label_sigma_bins: float = 0.0
     """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
     audio_clock_weight: float = 0.0
@@ -528,6 +532,12 @@ class AlignerConfig:
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
         _require(0.0 <= self.span_prob <= 1.0, "recipe.span_prob", "must be in [0, 1]")
         _require(self.span_lead_seconds >= 0, "recipe.span_lead_seconds", "must be >= 0")
+        _require(self.span_window_seconds >= 0, "recipe.span_window_seconds", "must be >= 0")
+        _require(
+            self.span_window_seconds == 0 or self.slot_prior_tau == 0,
+            "recipe.span_window_seconds",
+            "cannot be combined with recipe.slot_prior_tau (the slot prior is counted on uncut items)",
+        )
         _require(self.ctc_weight >= 0, "recipe.ctc_weight", "must be >= 0")
         _require(self.audio_clock_weight >= 0, "recipe.audio_clock_weight", "must be >= 0")
         _require(0.0 < self.audio_clock_fraction <= 1.0, "recipe.audio_clock_fraction", "must be in (0, 1]")

@@ -232,16 +232,20 @@ class AlignerCollator:
         augment: Augmenter | None = None,
         span_prob: float = 0.0,
         span_lead_seconds: float = 0.3,
+        span_window_seconds: float = 0.0,
     ) -> None:
         """``augment``: the training-audio transforms (``data/transforms.py``; speed moves the word times);
-        None for clean batches. ``span_prob`` / ``span_lead_seconds``: the partial-transcript augmentation
-        (:meth:`spanned`)."""
+        None for clean batches. ``span_prob`` / ``span_lead_seconds`` / ``span_window_seconds``: the
+        partial-transcript augmentation (:meth:`spanned`)."""
         if not 0.0 <= span_prob <= 1.0:
             raise ValueError(f"span_prob must be in [0, 1], got {span_prob}")
         if span_lead_seconds < 0:
             raise ValueError(f"span_lead_seconds must be >= 0, got {span_lead_seconds}")
+        if span_window_seconds < 0:
+            raise ValueError(f"span_window_seconds must be >= 0, got {span_window_seconds}")
         self.span_prob = span_prob
         self.span_lead_seconds = span_lead_seconds
+        self.span_window_seconds = span_window_seconds
         if not 0.0 <= slot_prob <= 1.0:
             raise ValueError(f"slot_prob must be in [0, 1], got {slot_prob}")
         if time_shift_seconds < 0:
@@ -323,23 +327,51 @@ class AlignerCollator:
         the given words over the untranscribed speech. The run ``[a, b)`` is drawn uniformly (a ≥ 0, b > a,
         not the whole clip); when ``a > 0`` the audio starts ``U(0, span_lead_seconds)`` before word ``a``
         and the word times move with it. The draw has its own RNG stream per (seed, epoch, index).
+
+        ``span_window_seconds`` = *W* > 0 also cuts the audio to at most *W* seconds from its start, as a chain
+        window of *W* seconds is cut, and keeps only words that end inside it (``b`` drawn among those); a clip
+        longer than *W* (a long-form item) is always cut so, whatever ``span_prob``. Why: a chain window cut
+        from a long recording holds seconds of untranscribed speech after its words, across utterance and
+        speaker changes; spans of short clips have at most the rest of one utterance there, and a model
+        trained on those alone places a window's words 4x worse than a short clip's (docs/results.md).
         """
         words = sample.utt.words or []
-        if self.span_prob <= 0 or len(words) < 2:
+        total = sample.audio.size / SAMPLE_RATE
+        window = self.span_window_seconds
+        cut = 0 < window < total
+        if (self.span_prob <= 0 or len(words) < 2) and not cut:
             return sample
         rng = row_rng(self.seed, epoch, sample.index, "span")
-        if rng.random() >= self.span_prob:
+        if rng.random() >= self.span_prob and not cut:
             return sample
-        while True:
-            a = rng.randrange(len(words))
-            b = rng.randrange(a + 1, len(words) + 1)
-            if (a, b) != (0, len(words)):
-                break
-        start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
-        n = int(round(start * SAMPLE_RATE))
+        if not cut:
+            while True:
+                a = rng.randrange(len(words))
+                b = rng.randrange(a + 1, len(words) + 1)
+                if (a, b) != (0, len(words)):
+                    break
+            start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
+            stop = total
+        else:
+            for _ in range(100):
+                a = rng.randrange(len(words))
+                start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
+                stop = min(total, start + window)
+                fit = 0  # words a, a+1, ... that end inside the window
+                while a + fit < len(words) and words[a + fit].end <= stop:
+                    fit += 1
+                if fit:
+                    break
+            else:
+                raise ValueError(
+                    f"{sample.utt.source or sample.utt.id}: no word ends inside a {window:g} s window "
+                    "(recipe.span_window_seconds is shorter than its words)"
+                )
+            b = rng.randrange(a + 1, a + fit + 1)
+        n, m = int(round(start * SAMPLE_RATE)), int(round(stop * SAMPLE_RATE))
         delta = n / SAMPLE_RATE
         kept = [AlignedWord(w.word, max(0.0, w.start - delta), max(0.0, w.end - delta)) for w in words[a:b]]
-        audio = sample.audio[n:]
+        audio = sample.audio[n:m]
         utt = replace(sample.utt, words=kept, duration=audio.size / SAMPLE_RATE)
         return Sample(utt, audio, sample.index)
 
@@ -414,10 +446,17 @@ class LongFormDataset(UtteranceDataset):
         gap_seconds: float,
         num_classes: int,
         fraction: float = 1.0,
+        window_seconds: float = 0.0,
     ) -> None:
         """``fraction`` keeps that share of the joined groups, evenly spread over the corpus (group ``g`` is
         kept when ``floor((g + 1) f) > floor(g f)``): fewer long items make a step cheaper and leave more of
-        each batch to the short clips, while every absolute time up to ``max_seconds`` is still trained."""
+        each batch to the short clips, while every absolute time up to ``max_seconds`` is still trained.
+        ``window_seconds`` > 0: the collator cuts every item to a window of at most that length
+        (``recipe.span_window_seconds``, :meth:`AlignerCollator.spanned`), so :meth:`durations` reports at
+        most that much: the batch sampler fills batches with what the model will see, not the joined length."""
+        if window_seconds < 0:
+            raise ValueError(f"window_seconds must be >= 0, got {window_seconds}")
+        self.window_seconds = window_seconds
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"long-form fraction must be in (0, 1], got {fraction}")
         super().__init__(base.utterances, base.on_bad_audio, base.hf_dataset, base.hf_audio_column)
@@ -464,7 +503,8 @@ class LongFormDataset(UtteranceDataset):
         joined = [
             sum(self.base.utterances[j].duration for j in g) + self.gap_seconds * (len(g) - 1) for g in self.groups
         ]
-        return self.base.durations() + joined
+        every = self.base.durations() + joined
+        return [min(d, self.window_seconds) for d in every] if self.window_seconds > 0 else every
 
     def load(self, index: int) -> Sample | None:
         if index < len(self.base):

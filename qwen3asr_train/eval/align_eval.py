@@ -190,6 +190,7 @@ def chain_align(
     accept: float = 0.5,
     guard_s: float = 0.2,
     back_s: float = 0.2,
+    overlap: int = 0,
 ) -> list[list[tuple[float, float]]]:
     """Align long clips as a chain of short windows, each started where the previous one's words ended.
 
@@ -204,6 +205,13 @@ def chain_align(
     last accepted word's end. The last window takes all remaining words. No reference time is read: only the audio and the word texts. The aligner must have
     been trained on partial transcripts (``recipe.span_prob``): a window's audio goes on past its words.
 
+    ``overlap`` = *k* > 0 re-gives the last *k* accepted words to the next window, which then starts
+    ``back_s`` before the first of them (their new times are discarded; only the words after them are
+    accepted). Why: without it, one window whose last accepted word ends a few hundred ms late starts the
+    next window after its first word's onset, and the error carries to the end of the clip; with it, the
+    next window's first *new* word is preceded by whole words it is told about, so an anchor that is late
+    by less than those words' length no longer cuts into the words still to align.
+
     Windows of every clip at the same chain position form one batch, so the model runs once per window
     position, not once per window.
     """
@@ -213,29 +221,32 @@ def chain_align(
         raise ValueError(f"chain window {window_s:g} s must be in (0, {limit:g}] s (the classes' range)")
     if not 0 < fill <= 1:
         raise ValueError(f"chain fill {fill:g} must be in (0, 1]")
+    if overlap < 0:
+        raise ValueError(f"chain overlap {overlap} must be >= 0")
     loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
     out: list[list[tuple[float, float]]] = [[] for _ in samples]
-    state = {i: (0.0, 0) for i, s in enumerate(samples) if s.utt.words}  # clip -> (window start s, next word)
+    # clip -> (window start s, first word given, how many of the given words were accepted already)
+    state = {i: (0.0, 0, 0) for i, s in enumerate(samples) if s.utt.words}
     windows = 0
     while state:
         units: list[tuple[int, float, Sample]] = []
         final: dict[int, bool] = {}
-        for i, (t0, first) in state.items():
+        for i, (t0, first, again) in state.items():
             t0 = round(t0 * SAMPLE_RATE) / SAMPLE_RATE  # on a sample, so the piece starts exactly at its offset
             sample = samples[i]
             total = sample.audio.size / SAMPLE_RATE
             words = sample.utt.words or []
             rate = len(words) / max(total, 1e-6)
             last_window = total - t0 <= window_s
-            count = len(words) - first if last_window else max(1, round(rate * window_s * fill))
+            count = len(words) - first if last_window else again + max(1, round(rate * window_s * fill))
             count = min(count, len(words) - first)
             final[i] = last_window
             units.append((i, t0, _window_piece(sample, t0, min(total, t0 + window_s), first, count)))
         spans = _align_units(model, processor, loose, units, len(samples), max_batch_seconds, max_batch_size, decode)
         windows += len(units)
         for i, t0, _ in units:
-            first = state[i][1]
-            got = spans[i]
+            _, first, again = state[i]
+            got = spans[i][again:]  # the re-given words' new times are not used
             if final[i]:
                 out[i] += got
                 del state[i]
@@ -246,11 +257,13 @@ def chain_align(
                 keep += 1
             keep = max(keep, 1)
             out[i] += got[:keep]
-            nxt = first + keep
+            nxt = first + again + keep
             if nxt >= len(samples[i].utt.words or []):
                 del state[i]
                 continue
-            state[i] = (max(t0 + 0.01, got[keep - 1][1] - back_s), nxt)
+            k = min(overlap, nxt)
+            start = out[i][nxt - k][0] if k else got[keep - 1][1]
+            state[i] = (max(t0 + 0.01, start - back_s), nxt - k, k)
     log.debug("chained alignment: %d clips, %d windows of <= %g s", len(samples), windows, window_s)
     return out
 

@@ -544,7 +544,12 @@ def prepare(
                 f"that {num_classes} classes address"
             )
         dataset = LongFormDataset(
-            dataset, recipe.concat_max_seconds, recipe.concat_gap_seconds, num_classes, recipe.concat_fraction
+            dataset,
+            recipe.concat_max_seconds,
+            recipe.concat_gap_seconds,
+            num_classes,
+            recipe.concat_fraction,
+            window_seconds=recipe.span_window_seconds,
         )
     collator = AlignerCollator(
         processor,
@@ -555,6 +560,7 @@ def prepare(
         augment=build_augmenter(cfg.data.augment, "aligner", cfg.seed),
         span_prob=recipe.span_prob,
         span_lead_seconds=recipe.span_lead_seconds,
+        span_window_seconds=recipe.span_window_seconds,
     )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
     collator, full = maybe_packed(collator, cfg.data), maybe_packed(full, cfg.data)
