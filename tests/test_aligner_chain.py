@@ -180,6 +180,20 @@ def test_decode_config_validates_the_chain():
         DecodeConfig(align_chain_seconds=-1.0).validate()
     with pytest.raises(ConfigError, match="align_chain_fill"):
         DecodeConfig(align_chain_seconds=6.0, align_chain_fill=0.0).validate()
+    with pytest.raises(ConfigError, match="align_chain_overlap"):
+        DecodeConfig(align_chain_seconds=6.0, align_chain_overlap=-1).validate()
+    with pytest.raises(ConfigError, match="align_chain_back_seconds"):
+        DecodeConfig(align_chain_seconds=6.0, align_chain_back_seconds=-0.1).validate()
+    decode = DecodeConfig(
+        align_chain_seconds=3.0, align_chain_fill=0.6, align_chain_overlap=2, align_chain_back_seconds=0.1
+    )
+    evaluator = align_eval.AlignmentEvaluator.from_decode_config(None, {}, decode)
+    assert (evaluator.chain_seconds, evaluator.chain_fill, evaluator.chain_overlap, evaluator.chain_back) == (
+        3.0,
+        0.6,
+        2,
+        0.1,
+    )
     with pytest.raises(ConfigError, match="align_chain_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
 

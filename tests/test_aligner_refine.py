@@ -136,6 +136,14 @@ def test_decode_settings_are_checked_and_reach_the_aligner_evaluator(monkeypatch
     evaluator.sets = {"dev": []}
     evaluator.evaluate(None, tmp_path, write=False)
     assert calls == [
-        {"chunk_long": True, "decode": "monotonic", "refine_seconds": 6.0, "chain_seconds": 0.0, "chain_fill": 0.5}
+        {
+            "chunk_long": True,
+            "decode": "monotonic",
+            "refine_seconds": 6.0,
+            "chain_seconds": 0.0,
+            "chain_fill": 0.5,
+            "chain_overlap": 0,
+            "chain_back": 0.2,
+        }
     ]
     assert (evaluator.max_batch_seconds, evaluator.max_batch_size) == (50.0, 32)

@@ -178,6 +178,12 @@ class DecodeConfig:
     ``recipe.span_prob`` > 0; docs/aligner.md). 0 = one pass."""
     align_chain_fill: float = 0.5
     """Chained windows: words given to a window = the clip's mean words per second x window x this."""
+    align_chain_overlap: int = 0
+    """Chained windows: the last this many accepted words are given again to the next window, which starts
+    ``align_chain_back_seconds`` before the first of them (0: it starts that much before the last accepted
+    word's end). Re-given words make the chain recover from a late anchor (docs/aligner.md)."""
+    align_chain_back_seconds: float = 0.2
+    """Chained windows: how far before its anchor (above) the next window starts."""
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
@@ -185,6 +191,8 @@ class DecodeConfig:
         _require(self.align_refine_seconds >= 0, "decode.align_refine_seconds", "must be >= 0")
         _require(self.align_chain_seconds >= 0, "decode.align_chain_seconds", "must be >= 0")
         _require(0 < self.align_chain_fill <= 1, "decode.align_chain_fill", "must be in (0, 1]")
+        _require(self.align_chain_overlap >= 0, "decode.align_chain_overlap", "must be >= 0")
+        _require(self.align_chain_back_seconds >= 0, "decode.align_chain_back_seconds", "must be >= 0")
         _require(
             self.align_refine_seconds == 0 or self.align_chain_seconds == 0,
             "decode.align_chain_seconds",

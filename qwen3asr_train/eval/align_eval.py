@@ -280,6 +280,8 @@ def align(
     refine_seconds: float = 0.0,
     chain_seconds: float = 0.0,
     chain_fill: float = 0.5,
+    chain_overlap: int = 0,
+    chain_back: float = 0.2,
 ) -> list[list[tuple[float, float]]]:
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
 
@@ -290,8 +292,9 @@ def align(
     is aligned twice, the second time in pieces of at most that length cut at pauses between the first
     pass's words (:func:`refine_cuts`; no reference times used), so long recordings get the accuracy the
     model has on clips of its training length. ``chain_seconds`` > 0: a clip longer than that is aligned as a
-    chain of windows of that length (:func:`chain_align`, ``chain_fill``; no reference times used, any
-    length), instead of in one piece.
+    chain of windows of that length (:func:`chain_align` with ``chain_fill``, ``chain_overlap`` and
+    ``chain_back`` as its ``fill``, ``overlap`` and ``back_s``; no reference times used, any length), instead
+    of in one piece.
     """
     if refine_seconds > 0 and chain_seconds > 0:
         raise ValueError("choose one long-clip pass: refine_seconds or chain_seconds, not both")
@@ -316,6 +319,8 @@ def align(
                 max_batch_seconds,
                 max_batch_size,
                 decode,
+                back_s=chain_back,
+                overlap=chain_overlap,
             )
             out: list[list[tuple[float, float]]] = [[] for _ in samples]
             for i, spans in zip(rest, short, strict=True):
@@ -645,6 +650,8 @@ class AlignmentEvaluator:
         refine_seconds: float = 0.0,
         chain_seconds: float = 0.0,
         chain_fill: float = 0.5,
+        chain_overlap: int = 0,
+        chain_back: float = 0.2,
     ) -> None:
         """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
         with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
@@ -664,6 +671,8 @@ class AlignmentEvaluator:
         self.refine_seconds = refine_seconds
         self.chain_seconds = chain_seconds
         self.chain_fill = chain_fill
+        self.chain_overlap = chain_overlap
+        self.chain_back = chain_back
         self.title: str | None = None
 
     @classmethod
@@ -686,6 +695,8 @@ class AlignmentEvaluator:
             refine_seconds=decode.align_refine_seconds,
             chain_seconds=decode.align_chain_seconds,
             chain_fill=decode.align_chain_fill,
+            chain_overlap=decode.align_chain_overlap,
+            chain_back=decode.align_chain_back_seconds,
         )
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
@@ -701,6 +712,8 @@ class AlignmentEvaluator:
                 refine_seconds=self.refine_seconds,
                 chain_seconds=self.chain_seconds,
                 chain_fill=self.chain_fill,
+                chain_overlap=self.chain_overlap,
+                chain_back=self.chain_back,
             )
             for name, samples in self.sets.items()
         }

@@ -103,6 +103,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         refine_seconds=recipe.decode.align_refine_seconds,
         chain_seconds=recipe.decode.align_chain_seconds,
         chain_fill=recipe.decode.align_chain_fill,
+        chain_overlap=recipe.decode.align_chain_overlap,
+        chain_back=recipe.decode.align_chain_back_seconds,
     )
     path = out_dir / "alignments.jsonl"
     with open(path, "w", encoding="utf-8") as handle:

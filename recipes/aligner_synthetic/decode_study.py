@@ -6,8 +6,9 @@ evaluation cannot know. docs/results.md (2026-12-02, sixth session) has its outp
 
 Usage: .venv/bin/python recipes/aligner_synthetic/decode_study.py MODEL SET=MANIFEST [SET=MANIFEST ...]
            [--configs argmax:0 monotonic:0 argmax:6]
-MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS, or DECODE:chainW[:FILL]
-for chained windows of W seconds (``decode.align_chain_seconds``; FILL default 0.5).
+MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS, or
+DECODE:chainW[:FILL[:OVERLAP[:BACK]]] for chained windows of W seconds (``decode.align_chain_seconds``,
+``align_chain_fill`` default 0.5, ``align_chain_overlap`` default 0, ``align_chain_back_seconds`` default 0.2).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
         decode, refine, *rest = config.split(":")
         chain = float(refine[len("chain") :]) if refine.startswith("chain") else 0.0
         fill = float(rest[0]) if rest else 0.5
+        overlap = int(rest[1]) if len(rest) > 1 else 0
+        back = float(rest[2]) if len(rest) > 2 else 0.2
         if chain > 0:
             refine = "0"
         for name, samples in sets.items():
@@ -57,9 +60,11 @@ def main() -> None:
                 refine_seconds=float(refine),
                 chain_seconds=chain,
                 chain_fill=fill,
+                chain_overlap=overlap,
+                chain_back=back,
             )
             if chain > 0:
-                name_shown = f"{name} chain {chain:g}/{fill:g}"
+                name_shown = f"{name} chain {chain:g}/{fill:g}/{overlap}/{back:g}"
             else:
                 name_shown = name
             if float(refine) <= 0 and chain <= 0:
