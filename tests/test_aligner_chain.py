@@ -20,7 +20,7 @@ from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.manifest import AlignedWord, Utterance
 from qwen3asr_train.eval import align_eval
-from qwen3asr_train.eval.align_eval import align, chain_align
+from qwen3asr_train.eval.align_eval import ChainSettings, align, chain_align
 from qwen3asr_train.model.builder import build_model
 
 NUM_CLASSES = 100  # 8 s
@@ -120,7 +120,8 @@ def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch, overla
     samples = [_clip(40, index=0), _clip(23, seconds_per_word=0.8, index=1), _clip(3, index=2)]
     seen: list[tuple[int, float, list[str]]] = []
     monkeypatch.setattr(align_eval, "_align_units", _oracle(samples, seen))
-    out = chain_align(model, processor, samples, window_s=6.0, fill=0.5, overlap=overlap)
+    chain = ChainSettings(6.0, fill=0.5, accept=0.5, back_s=0.2, overlap=overlap, snap=False)
+    out = chain_align(model, processor, samples, chain)
     for sample, spans in zip(samples, out, strict=True):
         assert np.asarray(spans) == pytest.approx(np.asarray([(w.start, w.end) for w in sample.utt.words]), abs=1e-9)
     # every word was given to exactly one accepted window position, in order; windows never exceed 6 s
@@ -154,8 +155,9 @@ def test_the_chain_always_advances(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(align_eval, "_align_units", stuck)
-    out = chain_align(model, processor, samples, window_s=4.0)
-    assert len(out[0]) == 30
+    for overlap in (0, 1, 2):
+        out = chain_align(model, processor, samples, ChainSettings(4.0, overlap=overlap))
+        assert len(out[0]) == 30
 
 
 def test_chained_alignment_with_a_real_model_returns_every_word(tiny):
@@ -163,15 +165,15 @@ def test_chained_alignment_with_a_real_model_returns_every_word(tiny):
     samples = [_clip(30, index=0), _clip(4, index=1)]  # 15.6 s: longer than the 8 s the classes address
     with pytest.raises(ValueError, match="exceeds"):
         align(model, processor, samples)
-    out = align(model, processor, samples, chain_seconds=5.0)
+    out = align(model, processor, samples, chain=ChainSettings(5.0))
     for sample, spans in zip(samples, out, strict=True):
         assert len(spans) == len(sample.utt.words)
         total = sample.audio.size / SAMPLE_RATE
         assert all(0.0 <= a <= b <= total + 1e-6 for a, b in spans)
     with pytest.raises(ValueError, match="one long-clip pass"):
-        align(model, processor, samples, chain_seconds=5.0, refine_seconds=5.0)
+        align(model, processor, samples, chain=ChainSettings(5.0), refine_seconds=5.0)
     with pytest.raises(ValueError, match="classes' range"):
-        chain_align(model, processor, samples, window_s=9.0)
+        chain_align(model, processor, samples, ChainSettings(9.0))
 
 
 def test_decode_config_validates_the_chain():
@@ -185,15 +187,24 @@ def test_decode_config_validates_the_chain():
     with pytest.raises(ConfigError, match="align_chain_back_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_chain_back_seconds=-0.1).validate()
     decode = DecodeConfig(
-        align_chain_seconds=3.0, align_chain_fill=0.6, align_chain_overlap=2, align_chain_back_seconds=0.1
+        align_chain_seconds=3.0,
+        align_chain_fill=0.6,
+        align_chain_accept=0.3,
+        align_chain_overlap=2,
+        align_chain_back_seconds=0.1,
+        align_chain_snap=False,
+        align_chain_votes=3,
+        align_chain_spread_seconds=0.02,
     )
+    decode.validate()
     evaluator = align_eval.AlignmentEvaluator.from_decode_config(None, {}, decode)
-    assert (evaluator.chain_seconds, evaluator.chain_fill, evaluator.chain_overlap, evaluator.chain_back) == (
-        3.0,
-        0.6,
-        2,
-        0.1,
-    )
+    assert evaluator.chain == ChainSettings(3.0, 0.6, 0.3, 0.1, 2, False, 3, 0.02)
+    assert ChainSettings.from_decode(DecodeConfig()) == ChainSettings()  # the config's defaults are the library's
+    for bad in ("accept", "votes"):
+        with pytest.raises(ConfigError, match=f"align_chain_{bad}"):
+            DecodeConfig(**{f"align_chain_{bad}": 0}).validate()
+    with pytest.raises(ValueError, match="chain accept"):
+        ChainSettings(3.0, accept=1.5).check()
     with pytest.raises(ConfigError, match="align_chain_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
 

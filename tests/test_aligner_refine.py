@@ -140,10 +140,7 @@ def test_decode_settings_are_checked_and_reach_the_aligner_evaluator(monkeypatch
             "chunk_long": True,
             "decode": "monotonic",
             "refine_seconds": 6.0,
-            "chain_seconds": 0.0,
-            "chain_fill": 0.5,
-            "chain_overlap": 0,
-            "chain_back": 0.2,
+            "chain": align_eval.ChainSettings(),
         }
     ]
     assert (evaluator.max_batch_seconds, evaluator.max_batch_size) == (50.0, 32)

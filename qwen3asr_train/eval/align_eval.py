@@ -28,7 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,29 +177,81 @@ def _window_piece(sample: Sample, t0: float, t1: float, first: int, count: int) 
     return Sample(utt, sample.audio[a:b], sample.index)
 
 
+CHAIN_GUARD_SECONDS = 0.2
+"""Chained windows: a word is accepted only if it ends at least this long before its window's end."""
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """Chained-window alignment of long clips (:func:`chain_align`; ``decode.align_chain_*`` in configs).
+
+    Defaults are the settings measured best on the synthetic 30 s set (docs/results.md, 2026-12-03 ninth
+    session) with an aligner trained on 3 s windows (``recipe.span_window_seconds=3``)."""
+
+    seconds: float = 0.0
+    """Window length; 0 = no chaining (a clip is aligned in one piece)."""
+    fill: float = 0.5
+    """Words given to a window = the clip's mean words per second x ``seconds`` x this."""
+    accept: float = 0.4
+    """Words are accepted while they end in this first share of their window."""
+    back_s: float = 0.15
+    """The next window starts this long before its anchor (the first re-given word's start, or the last
+    accepted word's end when ``overlap`` is 0)."""
+    overlap: int = 1
+    """The last this many accepted words are given again to the next window."""
+    snap: bool = True
+    """A next window that would open inside a pause opens ``back_s`` before the pause's end."""
+    votes: int = 1
+    """Whole chains run at ``back_s`` moved over ``[-spread_s, +spread_s]``; each word's median is returned."""
+    spread_s: float = 0.05
+    """Half-width of the window-start offsets of the votes."""
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range."""
+        if self.seconds < 0:
+            raise ValueError(f"chain window {self.seconds:g} s must be >= 0")
+        if not 0 < self.fill <= 1:
+            raise ValueError(f"chain fill {self.fill:g} must be in (0, 1]")
+        if not 0 < self.accept <= 1:
+            raise ValueError(f"chain accept {self.accept:g} must be in (0, 1]")
+        if self.back_s < 0 or self.overlap < 0:
+            raise ValueError(f"chain back {self.back_s:g} s and overlap {self.overlap} must be >= 0")
+        if self.votes < 1 or self.spread_s < 0:
+            raise ValueError(f"chain votes {self.votes} must be >= 1 and spread {self.spread_s:g} s >= 0")
+
+    @classmethod
+    def from_decode(cls, decode: DecodeConfig) -> ChainSettings:
+        """The settings of ``decode.align_chain_*``."""
+        return cls(
+            seconds=decode.align_chain_seconds,
+            fill=decode.align_chain_fill,
+            accept=decode.align_chain_accept,
+            back_s=decode.align_chain_back_seconds,
+            overlap=decode.align_chain_overlap,
+            snap=decode.align_chain_snap,
+            votes=decode.align_chain_votes,
+            spread_s=decode.align_chain_spread_seconds,
+        )
+
+
 @torch.no_grad()
 def chain_align(
     model: torch.nn.Module,
     processor: Qwen3ASRProcessor,
     samples: Sequence[Sample],
-    window_s: float,
-    fill: float = 0.5,
+    chain: ChainSettings,
     max_batch_seconds: float = 240.0,
     max_batch_size: int = 32,
     decode: str = "argmax",
-    accept: float = 0.5,
-    guard_s: float = 0.2,
-    back_s: float = 0.2,
-    overlap: int = 0,
 ) -> list[list[tuple[float, float]]]:
     """Align long clips as a chain of short windows, each started where the previous one's words ended.
 
     Why: a small aligner is accurate in the first seconds of a clip and drifts later (docs/aligner.md), so
-    a long recording is aligned as windows of at most ``window_s`` seconds, each one short-clip-like. Window
-    *r* of a clip covers the audio ``[t0, t0 + window_s)`` and is given the next ``m`` unaligned words, ``m``
-    the clip's mean words per second x ``window_s`` x ``fill`` (so the words fit in the window even where the
+    a long recording is aligned as windows of at most ``chain.seconds``, each one short-clip-like. Window
+    *r* of a clip covers the audio ``[t0, t0 + seconds)`` and is given the next ``m`` unaligned words, ``m``
+    the clip's mean words per second x ``seconds`` x ``fill`` (so the words fit in the window even where the
     speech is ``1 / fill`` times slower than average); its words are accepted in order while they end in the
-    first ``accept`` share of the window and at least ``guard_s`` before its end (at least one word per
+    first ``accept`` share of the window and at least :data:`CHAIN_GUARD_SECONDS` before its end (at least one word per
     window, so the chain always advances; the last words of a window are the least sure, and a misplaced
     anchor would start the next window in the wrong place), and the next window starts ``back_s`` before the
     last accepted word's end. The last window takes all remaining words. No reference time is read: only the audio and the word texts. The aligner must have
@@ -212,27 +264,56 @@ def chain_align(
     next window's first *new* word is preceded by whole words it is told about, so an anchor that is late
     by less than those words' length no longer cuts into the words still to align.
 
+    ``snap``: a next window whose start falls inside a pause of the audio (:func:`find_pauses`, ≥ 100 ms)
+    starts ``back_s`` before that pause's end instead. Why: no word starts inside a pause, and an aligner
+    trained with at most ``recipe.span_lead_seconds`` of audio before a window's first word places that word
+    too early when the window opens on a longer silence (between utterances), pulling the chain early.
+
+    ``votes`` = *V* > 1 runs *V* whole chains, their ``back_s`` moved by *V* offsets evenly spaced in
+    ``[-spread_s, +spread_s]``, and returns each word's median start and end over them. Why: whether a
+    window's first word is placed well depends on where exactly the window opens (measured on the 30 s set:
+    83–225 ms AAS for starts 0.1–0.2 s before the anchor), a chain that follows one misplaced anchor stays off
+    for the rest of the clip, and chains started differently go off at different words, so the median
+    outvotes one of them. (Voting per window instead, every chain going on from the median, was measured
+    worse: the chains then go off together.)
+
     Windows of every clip at the same chain position form one batch, so the model runs once per window
     position, not once per window.
     """
     num_classes = int(model.config.num_labels)
     limit = max_addressable_seconds(num_classes) - 0.04
-    if not 0 < window_s <= limit:
-        raise ValueError(f"chain window {window_s:g} s must be in (0, {limit:g}] s (the classes' range)")
-    if not 0 < fill <= 1:
-        raise ValueError(f"chain fill {fill:g} must be in (0, 1]")
-    if overlap < 0:
-        raise ValueError(f"chain overlap {overlap} must be >= 0")
+    if not 0 < chain.seconds <= limit:
+        raise ValueError(f"chain window {chain.seconds:g} s must be in (0, {limit:g}] s (the classes' range)")
+    chain.check()
+    window_s, fill, accept, back_s = chain.seconds, chain.fill, chain.accept, chain.back_s
+    guard_s = CHAIN_GUARD_SECONDS
     loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
     out: list[list[tuple[float, float]]] = [[] for _ in samples]
+    if chain.votes > 1:  # whole chains at nearby window starts; each word's median over them
+        chains = [
+            chain_align(
+                model,
+                processor,
+                samples,
+                replace(chain, back_s=max(0.0, back_s + shift), votes=1),
+                max_batch_seconds,
+                max_batch_size,
+                decode,
+            )
+            for shift in np.linspace(-chain.spread_s, chain.spread_s, chain.votes).tolist()
+        ]
+        return [
+            [tuple(float(x) for x in np.median(np.asarray(w), axis=0)) for w in zip(*runs, strict=True)]
+            for runs in zip(*chains, strict=True)
+        ]
     # clip -> (window start s, first word given, how many of the given words were accepted already)
     state = {i: (0.0, 0, 0) for i, s in enumerate(samples) if s.utt.words}
+    pauses: dict[int, list[tuple[float, float]]] = {}  # clip -> its pauses, found when first needed
     windows = 0
     while state:
         units: list[tuple[int, float, Sample]] = []
         final: dict[int, bool] = {}
         for i, (t0, first, again) in state.items():
-            t0 = round(t0 * SAMPLE_RATE) / SAMPLE_RATE  # on a sample, so the piece starts exactly at its offset
             sample = samples[i]
             total = sample.audio.size / SAMPLE_RATE
             words = sample.utt.words or []
@@ -261,9 +342,13 @@ def chain_align(
             if nxt >= len(samples[i].utt.words or []):
                 del state[i]
                 continue
-            k = min(overlap, nxt)
-            start = out[i][nxt - k][0] if k else got[keep - 1][1]
-            state[i] = (max(t0 + 0.01, start - back_s), nxt - k, k)
+            k = min(chain.overlap, nxt)
+            start = (out[i][nxt - k][0] if k else got[keep - 1][1]) - back_s
+            if chain.snap:
+                if i not in pauses:
+                    pauses[i] = find_pauses(samples[i].audio)
+                start = max([start] + [b - back_s for a, b in pauses[i] if a <= start < b])
+            state[i] = (round(max(t0 + 0.01, start) * SAMPLE_RATE) / SAMPLE_RATE, nxt - k, k)  # on a sample
     log.debug("chained alignment: %d clips, %d windows of <= %g s", len(samples), windows, window_s)
     return out
 
@@ -278,10 +363,7 @@ def align(
     chunk_long: bool = False,
     decode: str = "argmax",
     refine_seconds: float = 0.0,
-    chain_seconds: float = 0.0,
-    chain_fill: float = 0.5,
-    chain_overlap: int = 0,
-    chain_back: float = 0.2,
+    chain: ChainSettings | None = None,
 ) -> list[list[tuple[float, float]]]:
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
 
@@ -291,13 +373,13 @@ def align(
     (:data:`~qwen3asr_train.eval.alignment.DECODE_METHODS`). ``refine_seconds`` > 0: a clip longer than that
     is aligned twice, the second time in pieces of at most that length cut at pauses between the first
     pass's words (:func:`refine_cuts`; no reference times used), so long recordings get the accuracy the
-    model has on clips of its training length. ``chain_seconds`` > 0: a clip longer than that is aligned as a
-    chain of windows of that length (:func:`chain_align` with ``chain_fill``, ``chain_overlap`` and
-    ``chain_back`` as its ``fill``, ``overlap`` and ``back_s``; no reference times used, any length), instead
-    of in one piece.
+    model has on clips of its training length. ``chain`` with ``seconds`` > 0: a clip longer than that is
+    aligned as a chain of windows of that length (:func:`chain_align`; no reference times used, any length),
+    instead of in one piece.
     """
+    chain_seconds = chain.seconds if chain is not None else 0.0
     if refine_seconds > 0 and chain_seconds > 0:
-        raise ValueError("choose one long-clip pass: refine_seconds or chain_seconds, not both")
+        raise ValueError("choose one long-clip pass: refine_seconds or chain seconds, not both")
     num_classes = int(model.config.num_labels)
     collator = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=not chunk_long)
     limit = max_addressable_seconds(num_classes) - 0.04  # the last half bin clips to the last class
@@ -314,13 +396,10 @@ def align(
                 model,
                 processor,
                 [samples[i] for i in longer],
-                chain_seconds,
-                chain_fill,
+                chain,
                 max_batch_seconds,
                 max_batch_size,
                 decode,
-                back_s=chain_back,
-                overlap=chain_overlap,
             )
             out: list[list[tuple[float, float]]] = [[] for _ in samples]
             for i, spans in zip(rest, short, strict=True):
@@ -648,10 +727,7 @@ class AlignmentEvaluator:
         unit_report: UnitPolicyReport | None = None,
         decode: str = "argmax",
         refine_seconds: float = 0.0,
-        chain_seconds: float = 0.0,
-        chain_fill: float = 0.5,
-        chain_overlap: int = 0,
-        chain_back: float = 0.2,
+        chain: ChainSettings | None = None,
     ) -> None:
         """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
         with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
@@ -669,10 +745,7 @@ class AlignmentEvaluator:
         self.max_batch_size = max_batch_size
         self.decode = decode
         self.refine_seconds = refine_seconds
-        self.chain_seconds = chain_seconds
-        self.chain_fill = chain_fill
-        self.chain_overlap = chain_overlap
-        self.chain_back = chain_back
+        self.chain = chain
         self.title: str | None = None
 
     @classmethod
@@ -693,10 +766,7 @@ class AlignmentEvaluator:
             unit_report=unit_report,
             decode=decode.align_decode,
             refine_seconds=decode.align_refine_seconds,
-            chain_seconds=decode.align_chain_seconds,
-            chain_fill=decode.align_chain_fill,
-            chain_overlap=decode.align_chain_overlap,
-            chain_back=decode.align_chain_back_seconds,
+            chain=ChainSettings.from_decode(decode),
         )
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
@@ -710,10 +780,7 @@ class AlignmentEvaluator:
                 chunk_long=True,
                 decode=self.decode,
                 refine_seconds=self.refine_seconds,
-                chain_seconds=self.chain_seconds,
-                chain_fill=self.chain_fill,
-                chain_overlap=self.chain_overlap,
-                chain_back=self.chain_back,
+                chain=self.chain,
             )
             for name, samples in self.sets.items()
         }

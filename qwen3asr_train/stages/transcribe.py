@@ -24,7 +24,7 @@ from qwen3asr_train.data.dataset import Sample
 from qwen3asr_train.data.manifest import AlignedWord, ManifestError, Utterance, read_manifests
 from qwen3asr_train.data.prompts import parse_asr_output
 from qwen3asr_train.data.word_units import split_words
-from qwen3asr_train.eval.align_eval import align
+from qwen3asr_train.eval.align_eval import ChainSettings, align
 from qwen3asr_train.eval.alignment import write_textgrid
 from qwen3asr_train.eval.decode import decode
 from qwen3asr_train.languages import LanguageTable
@@ -101,10 +101,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         recipe.decode.max_batch_size,
         decode=recipe.decode.align_decode,
         refine_seconds=recipe.decode.align_refine_seconds,
-        chain_seconds=recipe.decode.align_chain_seconds,
-        chain_fill=recipe.decode.align_chain_fill,
-        chain_overlap=recipe.decode.align_chain_overlap,
-        chain_back=recipe.decode.align_chain_back_seconds,
+        chain=ChainSettings.from_decode(recipe.decode),
     )
     path = out_dir / "alignments.jsonl"
     with open(path, "w", encoding="utf-8") as handle:

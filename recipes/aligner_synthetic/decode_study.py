@@ -7,13 +7,14 @@ evaluation cannot know. docs/results.md (2026-12-02, sixth session) has its outp
 Usage: .venv/bin/python recipes/aligner_synthetic/decode_study.py MODEL SET=MANIFEST [SET=MANIFEST ...]
            [--configs argmax:0 monotonic:0 argmax:6]
 MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS, or
-DECODE:chainW[:FILL[:OVERLAP[:BACK]]] for chained windows of W seconds (``decode.align_chain_seconds``,
-``align_chain_fill`` default 0.5, ``align_chain_overlap`` default 0, ``align_chain_back_seconds`` default 0.2).
+DECODE:chainW[:KEY=VALUE...] for chained windows of W seconds (``decode.align_chain_seconds``), KEY a field
+of ``ChainSettings`` (fill, accept, back_s, overlap, snap, votes, spread_s; the defaults otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 
@@ -23,7 +24,7 @@ from qwen3asr_train.checkpoints import load_for_inference
 from qwen3asr_train.config.data import DataConfig
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.datamodule import row_checks
-from qwen3asr_train.eval.align_eval import align, refine_cuts
+from qwen3asr_train.eval.align_eval import ChainSettings, align, refine_cuts
 from qwen3asr_train.eval.alignment import TIME_BINS_S, boundary_errors_ms
 
 log = logging.getLogger("decode_study")
@@ -44,9 +45,14 @@ def main() -> None:
     for config in args.configs:
         decode, refine, *rest = config.split(":")
         chain = float(refine[len("chain") :]) if refine.startswith("chain") else 0.0
-        fill = float(rest[0]) if rest else 0.5
-        overlap = int(rest[1]) if len(rest) > 1 else 0
-        back = float(rest[2]) if len(rest) > 2 else 0.2
+        given = dict(item.split("=", 1) for item in rest)
+        kinds = {f.name: type(getattr(ChainSettings(), f.name)) for f in dataclasses.fields(ChainSettings)}
+        unknown = sorted(set(given) - set(kinds))
+        if unknown:
+            parser.error(f"unknown chain settings {unknown}; known: {sorted(kinds)}")
+        chain_settings = ChainSettings(
+            chain, **{k: (v in ("1", "true", "True")) if kinds[k] is bool else kinds[k](v) for k, v in given.items()}
+        )
         if chain > 0:
             refine = "0"
         for name, samples in sets.items():
@@ -58,13 +64,10 @@ def main() -> None:
                 chunk_long=True,
                 decode=decode,
                 refine_seconds=float(refine),
-                chain_seconds=chain,
-                chain_fill=fill,
-                chain_overlap=overlap,
-                chain_back=back,
+                chain=chain_settings,
             )
             if chain > 0:
-                name_shown = f"{name} chain {chain:g}/{fill:g}/{overlap}/{back:g}"
+                name_shown = f"{name} chain {chain:g} " + " ".join(f"{k}={v}" for k, v in given.items())
             else:
                 name_shown = name
             if float(refine) <= 0 and chain <= 0:
