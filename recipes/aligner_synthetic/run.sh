@@ -9,7 +9,7 @@
 # with other settings: run_second_corpus.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${ALIGNER_STEPS:-1300}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
+steps=${ALIGNER_STEPS:-2500}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic
 . recipes/common.sh "$@"
 # Keep freed tensor memory in the heap instead of returning it to the kernel after every step: with
 # glibc's defaults the variable-length batches cost 60-200 s of system CPU time per 3000 steps, ~5 s with these.
@@ -40,10 +40,11 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
 fi
 
 if [ $stage -le 3 ] && [ $stop_stage -ge 3 ] && [ ! -f $exp/train/.done ]; then
-  log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins, short + joined 30 s clips)"
+  log "Stage 3: train a small aligner from scratch ($steps steps, 30 s of 80 ms bins, short clips + 3 s windows)"
   rm -rf $exp/train
-  # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay, long-form,
-  # audio-token clock loss, attention supervision; evaluated every 325 steps. Another seed: add seed=N (docs/results.md).
+  # configs/experiment/aligner_synthetic.yaml: every word slotted, Gaussian soft targets, cosine decay, partial
+  # transcripts and 3 s windows cut from joined clips, audio-token clock loss, attention supervision; evaluated
+  # every 1,250 steps with 3 s chained windows. Another seed: add seed=N (docs/results.md).
   TIMEFORMAT="training CPU time: %U s user + %S s system (%R s wall)"
   time $PY -m qwen3asr_train experiment=aligner_synthetic trainer.max_steps=$steps
   touch $exp/train/.done
