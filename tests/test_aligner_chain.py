@@ -9,6 +9,8 @@ start) shows as a difference.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -267,3 +269,78 @@ def test_long_form_items_are_batched_by_their_window(tmp_path):
     assert plain.durations()[:4] == [1.5, 2.5, 3.5, 4.5]
     assert plain.durations()[4:] == [pytest.approx(1.5 + 2.5 + 3.5 + 4.5 + 3 * 0.5)]  # one joined group
     assert windowed.durations() == [min(d, 3.0) for d in plain.durations()]
+
+
+def _bursts(n_words: int, pause_after: int, pause_s: float = 1.0) -> Sample:
+    """Words of 0.4 s noise bursts 0.1 s apart, silence before the first and after the last, and one long
+    pause of ``pause_s`` after word ``pause_after``: real silence, so :func:`find_pauses` sees it."""
+    rng = np.random.default_rng(0)
+    words, t = [], 0.3
+    for k in range(n_words):
+        words.append(AlignedWord(f"w{k}", t, t + 0.4))
+        t += 0.5 + (pause_s if k == pause_after else 0.0)
+    total = words[-1].end + 0.3
+    audio = np.zeros(int(round(total * SAMPLE_RATE)), dtype=np.float32)
+    for w in words:
+        a, b = int(round(w.start * SAMPLE_RATE)), int(round(w.end * SAMPLE_RATE))
+        audio[a:b] = 0.3 * rng.standard_normal(b - a).astype(np.float32)
+    utt = Utterance(
+        id="bursts",
+        audio="bursts.wav",
+        text=" ".join(w.word for w in words),
+        language="English",
+        words=words,
+        duration=total,
+    )
+    return Sample(utt, audio, 0)
+
+
+def test_a_window_never_opens_deep_inside_a_pause(tiny, monkeypatch):
+    """Pause snap: an anchor placed early, inside the long pause (a biased aligner), would open the next window
+    on a second of silence; with ``snap`` it opens ``back_s`` before the pause's end instead."""
+    from qwen3asr_train.eval.alignment import find_pauses
+
+    model, processor = tiny
+    sample = _bursts(16, pause_after=5)
+    pauses = [p for p in find_pauses(sample.audio) if p[1] - p[0] > 0.5]
+    assert len(pauses) == 1  # the long pause, seen in the audio
+    a, b = pauses[0]
+    truth = {w.word: (w.start, w.end) for w in sample.utt.words}
+
+    def early(model, processor, collator, units, num_samples, *args):  # word 6 (after the pause) placed early
+        out = [[] for _ in range(num_samples)]
+        for i, t0, piece in units:
+            for w in piece.utt.words:
+                s, e = truth[w.word]
+                if w.word == "w6":
+                    s, e = a + 0.5, a + 0.9
+                out[i].append((max(s, t0), max(e, t0)))
+        return out
+
+    for snap in (False, True):
+        seen: list[float] = []
+
+        def recording(model, processor, collator, units, num_samples, *args, seen=seen):
+            seen.extend(t0 for _, t0, _ in units)
+            return early(model, processor, collator, units, num_samples, *args)
+
+        monkeypatch.setattr(align_eval, "_align_units", recording)
+        chain_align(model, processor, [sample], ChainSettings(3.0, accept=0.5, back_s=0.15, overlap=1, snap=snap))
+        inside = [t for t in seen if a <= t < b - 0.15 - 1e-6]
+        assert bool(inside) is not snap  # without snap the chain opens a window deep inside the pause
+        if snap:
+            assert any(t == pytest.approx(b - 0.15, abs=1e-3) for t in seen)
+
+
+def test_votes_are_the_median_of_whole_chains(tiny):
+    """``votes=3``: each word's median over three whole chains at back_s - spread, back_s, back_s + spread,
+    built here a second way from three single chains."""
+    model, processor = tiny
+    samples = [_clip(30, index=0), _clip(24, seconds_per_word=0.7, index=1)]
+    base = ChainSettings(4.0, back_s=0.15, spread_s=0.1)
+    voted = chain_align(model, processor, samples, replace(base, votes=3))
+    singles = [chain_align(model, processor, samples, replace(base, back_s=b)) for b in (0.05, 0.15, 0.25)]
+    for i, sample in enumerate(samples):
+        assert len(voted[i]) == len(sample.utt.words)
+        expected = np.median(np.stack([np.asarray(s[i]) for s in singles]), axis=0)
+        assert np.asarray(voted[i]) == pytest.approx(expected, abs=1e-9)
