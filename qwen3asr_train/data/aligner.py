@@ -338,7 +338,7 @@ class AlignerCollator:
         words = sample.utt.words or []
         total = sample.audio.size / SAMPLE_RATE
         window = self.span_window_seconds
-        cut = 0 < window < total
+        cut = 0 < window < total and bool(words)  # a row without words is refused by slots(), naming its file
         if (self.span_prob <= 0 or len(words) < 2) and not cut:
             return sample
         rng = row_rng(self.seed, epoch, sample.index, "span")
