@@ -122,7 +122,7 @@ def test_a_perfect_aligner_chained_gives_the_reference(tiny, monkeypatch, overla
     samples = [_clip(40, index=0), _clip(23, seconds_per_word=0.8, index=1), _clip(3, index=2)]
     seen: list[tuple[int, float, list[str]]] = []
     monkeypatch.setattr(align_eval, "_align_units", _oracle(samples, seen))
-    chain = ChainSettings(6.0, fill=0.5, accept=0.5, back_s=0.2, overlap=overlap, snap=False)
+    chain = ChainSettings(6.0, fill=0.5, accept=0.5, back_s=0.2, overlap=overlap, snap=False, votes=1)
     out = chain_align(model, processor, samples, chain)
     for sample, spans in zip(samples, out, strict=True):
         assert np.asarray(spans) == pytest.approx(np.asarray([(w.start, w.end) for w in sample.utt.words]), abs=1e-9)
@@ -196,17 +196,24 @@ def test_decode_config_validates_the_chain():
         align_chain_back_seconds=0.1,
         align_chain_snap=False,
         align_chain_votes=3,
-        align_chain_spread_seconds=0.02,
+        align_chain_accept_spread=0.1,
+        align_chain_vote_tolerance_seconds=0.3,
     )
     decode.validate()
     evaluator = align_eval.AlignmentEvaluator.from_decode_config(None, {}, decode)
-    assert evaluator.chain == ChainSettings(3.0, 0.6, 0.3, 0.1, 2, False, 3, 0.02)
+    assert evaluator.chain == ChainSettings(3.0, 0.6, 0.3, 0.1, 2, False, 3, 0.1, 0.3)
     assert ChainSettings.from_decode(DecodeConfig()) == ChainSettings()  # the config's defaults are the library's
     for bad in ("accept", "votes"):
         with pytest.raises(ConfigError, match=f"align_chain_{bad}"):
             DecodeConfig(**{f"align_chain_{bad}": 0}).validate()
     with pytest.raises(ValueError, match="chain accept"):
         ChainSettings(3.0, accept=1.5).check()
+    # the votes' accept shares must stay in (0, 1]: 0.3 +- 0.3 reaches 0
+    with pytest.raises(ConfigError, match="align_chain_accept_spread"):
+        DecodeConfig(align_chain_accept=0.3, align_chain_accept_spread=0.3).validate()
+    with pytest.raises(ValueError, match="chain accept"):
+        ChainSettings(3.0, accept=0.3, accept_spread=0.3).check()
+    DecodeConfig(align_chain_accept=0.3, align_chain_accept_spread=0.3, align_chain_votes=1).validate()  # one chain
     with pytest.raises(ConfigError, match="align_chain_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
 
@@ -325,22 +332,59 @@ def test_a_window_never_opens_deep_inside_a_pause(tiny, monkeypatch):
             return early(model, processor, collator, units, num_samples, *args)
 
         monkeypatch.setattr(align_eval, "_align_units", recording)
-        chain_align(model, processor, [sample], ChainSettings(3.0, accept=0.5, back_s=0.15, overlap=1, snap=snap))
+        chain_align(
+            model, processor, [sample], ChainSettings(3.0, accept=0.5, back_s=0.15, overlap=1, snap=snap, votes=1)
+        )
         inside = [t for t in seen if a <= t < b - 0.15 - 1e-6]
         assert bool(inside) is not snap  # without snap the chain opens a window deep inside the pause
         if snap:
             assert any(t == pytest.approx(b - 0.15, abs=1e-3) for t in seen)
 
 
-def test_votes_are_the_median_of_whole_chains(tiny):
-    """``votes=3``: each word's median over three whole chains at back_s - spread, back_s, back_s + spread,
-    built here a second way from three single chains."""
+def test_the_earliest_group_of_chains_by_hand():
+    """Three chains of one clip: all agree on word 0; chain 1 goes late from word 1, chain 2 from word 2. The
+    earliest group (starts within 0.2 s of the earliest) keeps the chains still on track; a plain median would
+    take chain 1's late word 2."""
+    from qwen3asr_train.eval.align_eval import earliest_group
+
+    chains = [
+        [(1.0, 1.2), (2.0, 2.2), (3.0, 3.2)],
+        [(1.02, 1.25), (2.5, 2.7), (3.5, 3.7)],
+        [(0.98, 1.18), (2.04, 2.3), (3.6, 3.8)],
+    ]
+    got = earliest_group(chains, 0.2)
+    assert np.asarray(got) == pytest.approx(np.asarray([(1.0, 1.2), (2.02, 2.25), (3.0, 3.2)]), abs=1e-12)
+    assert earliest_group(chains, 1.0)[2] == pytest.approx((3.5, 3.7))  # a tolerance past every gap: the median
+    assert earliest_group([[], []], 0.2) == []
+
+
+def test_votes_combine_whole_chains_at_spread_accept_shares(tiny, monkeypatch):
+    """``votes=3``: three whole chains at accept 0.3, 0.4, 0.5 (0.4 +- 0.1), combined by the earliest group,
+    built here a second way from three single chains. The aligner is the oracle with an error that depends
+    on where its window opens, so chains with other accept shares (other windows) give other times."""
+    from qwen3asr_train.eval.align_eval import earliest_group
+
     model, processor = tiny
     samples = [_clip(30, index=0), _clip(24, seconds_per_word=0.7, index=1)]
-    base = ChainSettings(4.0, back_s=0.15, spread_s=0.1)
+    truth = {(s.index, w.word): (w.start, w.end) for s in samples for w in s.utt.words}
+
+    def noisy(model, processor, collator, units, num_samples, *args):
+        out = [[] for _ in range(num_samples)]
+        for i, t0, piece in units:
+            for k, w in enumerate(piece.utt.words):
+                start, end = truth[(samples[i].index, w.word)]
+                error = 0.08 * np.sin(37.0 * t0 + k)  # up to 80 ms, set by the window
+                out[i].append((start + error, end + error))
+        return out
+
+    monkeypatch.setattr(align_eval, "_align_units", noisy)
+    base = ChainSettings(4.0, accept=0.4, accept_spread=0.1, vote_tolerance_s=0.05, votes=1, snap=False)
     voted = chain_align(model, processor, samples, replace(base, votes=3))
-    singles = [chain_align(model, processor, samples, replace(base, back_s=b)) for b in (0.05, 0.15, 0.25)]
+    singles = [chain_align(model, processor, samples, replace(base, accept=a)) for a in (0.3, 0.4, 0.5)]
+    assert singles[0] != singles[1] != singles[2]  # the shares make different chains
     for i, sample in enumerate(samples):
         assert len(voted[i]) == len(sample.utt.words)
-        expected = np.median(np.stack([np.asarray(s[i]) for s in singles]), axis=0)
-        assert np.asarray(voted[i]) == pytest.approx(expected, abs=1e-9)
+        expected = earliest_group([s[i] for s in singles], 0.05)
+        assert np.asarray(voted[i]) == pytest.approx(np.asarray(expected), abs=1e-9)
+        median = np.median(np.stack([np.asarray(s[i]) for s in singles]), axis=0)
+        assert not np.allclose(np.asarray(voted[i]), median)  # at 50 ms the groups are not all three chains

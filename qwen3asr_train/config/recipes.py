@@ -178,8 +178,9 @@ class DecodeConfig:
     ``recipe.span_prob`` > 0; docs/aligner.md). 0 = one pass."""
     align_chain_fill: float = 0.5
     """Chained windows: words given to a window = the clip's mean words per second x window x this."""
-    align_chain_accept: float = 0.4
-    """Chained windows: a window's words are accepted while they end in this first share of it."""
+    align_chain_accept: float = 0.375
+    """Chained windows: a window's words are accepted while they end in this first share of it (with votes,
+    the middle of the votes' shares)."""
     align_chain_overlap: int = 1
     """Chained windows: the last this many accepted words are given again to the next window, which starts
     ``align_chain_back_seconds`` before the first of them (0: that much before the last accepted word's end).
@@ -188,11 +189,16 @@ class DecodeConfig:
     """Chained windows: how far before its anchor (above) the next window starts."""
     align_chain_snap: bool = True
     """Chained windows: a window that would open inside a pause of the audio opens just before its end."""
-    align_chain_votes: int = 1
-    """Chained windows: > 1 runs that many whole chains, their window starts moved over
-    ``+-align_chain_spread_seconds``, and takes each word's median (costs that many times the compute)."""
-    align_chain_spread_seconds: float = 0.05
-    """Chained windows: half-width of the votes' window-start offsets."""
+    align_chain_votes: int = 6
+    """Chained windows: that many whole chains, their accept shares spread over
+    ``align_chain_accept +- align_chain_accept_spread``; each word takes the median of its earliest group of
+    chains (``align_chain_vote_tolerance_seconds``; docs/aligner.md). Costs that many times the compute of one
+    chain; 1 = one chain."""
+    align_chain_accept_spread: float = 0.125
+    """Chained windows: half-width of the votes' accept shares."""
+    align_chain_vote_tolerance_seconds: float = 0.2
+    """Chained windows: a word's earliest group is the chains that start it at most this long after the
+    earliest of them."""
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
@@ -204,7 +210,17 @@ class DecodeConfig:
         _require(self.align_chain_overlap >= 0, "decode.align_chain_overlap", "must be >= 0")
         _require(self.align_chain_back_seconds >= 0, "decode.align_chain_back_seconds", "must be >= 0")
         _require(self.align_chain_votes >= 1, "decode.align_chain_votes", "must be >= 1")
-        _require(self.align_chain_spread_seconds >= 0, "decode.align_chain_spread_seconds", "must be >= 0")
+        _require(
+            self.align_chain_vote_tolerance_seconds >= 0, "decode.align_chain_vote_tolerance_seconds", "must be >= 0"
+        )
+        _require(
+            self.align_chain_votes == 1
+            or 0 < self.align_chain_accept - self.align_chain_accept_spread
+            and self.align_chain_accept_spread >= 0
+            and self.align_chain_accept + self.align_chain_accept_spread <= 1,
+            "decode.align_chain_accept_spread",
+            "with votes > 1, align_chain_accept +- align_chain_accept_spread must stay in (0, 1]",
+        )
         _require(
             self.align_refine_seconds == 0 or self.align_chain_seconds == 0,
             "decode.align_chain_seconds",

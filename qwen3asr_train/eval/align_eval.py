@@ -185,15 +185,15 @@ CHAIN_GUARD_SECONDS = 0.2
 class ChainSettings:
     """Chained-window alignment of long clips (:func:`chain_align`; ``decode.align_chain_*`` in configs).
 
-    Defaults are the settings measured best on the synthetic 30 s set (docs/results.md, 2026-12-03 ninth
-    session) with an aligner trained on 3 s windows (``recipe.span_window_seconds=3``)."""
+    Defaults are the settings measured best on the synthetic 30 s set (docs/results.md, 2026-12-03 ninth and
+    tenth sessions) with aligners trained on 3 s windows (``recipe.span_window_seconds=3``), three seeds."""
 
     seconds: float = 0.0
     """Window length; 0 = no chaining (a clip is aligned in one piece)."""
     fill: float = 0.5
     """Words given to a window = the clip's mean words per second x ``seconds`` x this."""
-    accept: float = 0.4
-    """Words are accepted while they end in this first share of their window."""
+    accept: float = 0.375
+    """Words are accepted while they end in this first share of their window (the votes' middle share)."""
     back_s: float = 0.15
     """The next window starts this long before its anchor (the first re-given word's start, or the last
     accepted word's end when ``overlap`` is 0)."""
@@ -201,10 +201,13 @@ class ChainSettings:
     """The last this many accepted words are given again to the next window."""
     snap: bool = True
     """A next window that would open inside a pause opens ``back_s`` before the pause's end."""
-    votes: int = 1
-    """Whole chains run at ``back_s`` moved over ``[-spread_s, +spread_s]``; each word's median is returned."""
-    spread_s: float = 0.05
-    """Half-width of the window-start offsets of the votes."""
+    votes: int = 6
+    """Whole chains run, their ``accept`` shares evenly spread over ``accept +- accept_spread``; each word
+    gets the median of the chains in its earliest group (``vote_tolerance_s``). 1 = one chain at ``accept``."""
+    accept_spread: float = 0.125
+    """Half-width of the votes' accept shares."""
+    vote_tolerance_s: float = 0.2
+    """A word's earliest group: the chains that start it at most this long after the earliest of them."""
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range."""
@@ -216,8 +219,12 @@ class ChainSettings:
             raise ValueError(f"chain accept {self.accept:g} must be in (0, 1]")
         if self.back_s < 0 or self.overlap < 0:
             raise ValueError(f"chain back {self.back_s:g} s and overlap {self.overlap} must be >= 0")
-        if self.votes < 1 or self.spread_s < 0:
-            raise ValueError(f"chain votes {self.votes} must be >= 1 and spread {self.spread_s:g} s >= 0")
+        if self.votes < 1 or self.vote_tolerance_s < 0:
+            raise ValueError(f"chain votes {self.votes} must be >= 1 and tolerance {self.vote_tolerance_s:g} s >= 0")
+        if self.votes > 1 and not 0 < self.accept - self.accept_spread <= self.accept + self.accept_spread <= 1:
+            raise ValueError(
+                f"chain accept {self.accept:g} +- {self.accept_spread:g} must stay in (0, 1] (and the spread >= 0)"
+            )
 
     @classmethod
     def from_decode(cls, decode: DecodeConfig) -> ChainSettings:
@@ -230,8 +237,21 @@ class ChainSettings:
             overlap=decode.align_chain_overlap,
             snap=decode.align_chain_snap,
             votes=decode.align_chain_votes,
-            spread_s=decode.align_chain_spread_seconds,
+            accept_spread=decode.align_chain_accept_spread,
+            vote_tolerance_s=decode.align_chain_vote_tolerance_seconds,
         )
+
+
+def earliest_group(chains: Sequence[Sequence[tuple[float, float]]], tolerance_s: float) -> list[tuple[float, float]]:
+    """One clip's words from several chains: each word's median (start, end) over the chains whose start for
+    it is at most ``tolerance_s`` after the earliest start (:func:`chain_align`, ``votes``)."""
+    out: list[tuple[float, float]] = []
+    for spans in zip(*chains, strict=True):
+        times = np.asarray(spans, dtype=np.float64)  # (V, 2)
+        group = times[times[:, 0] <= times[:, 0].min() + tolerance_s]
+        start, end = np.median(group, axis=0).tolist()
+        out.append((float(start), float(end)))
+    return out
 
 
 @torch.no_grad()
@@ -269,13 +289,15 @@ def chain_align(
     trained with at most ``recipe.span_lead_seconds`` of audio before a window's first word places that word
     too early when the window opens on a longer silence (between utterances), pulling the chain early.
 
-    ``votes`` = *V* > 1 runs *V* whole chains, their ``back_s`` moved by *V* offsets evenly spaced in
-    ``[-spread_s, +spread_s]``, and returns each word's median start and end over them. Why: whether a
-    window's first word is placed well depends on where exactly the window opens (measured on the 30 s set:
-    83–225 ms AAS for starts 0.1–0.2 s before the anchor), a chain that follows one misplaced anchor stays off
-    for the rest of the clip, and chains started differently go off at different words, so the median
-    outvotes one of them. (Voting per window instead, every chain going on from the median, was measured
-    worse: the chains then go off together.)
+    ``votes`` = *V* > 1 runs *V* whole chains, their ``accept`` shares evenly spaced over
+    ``accept +- accept_spread``, and gives each word the median of its *earliest group*: the chains that
+    start it no more than ``vote_tolerance_s`` after the earliest of them. Why: the aligner only finds a
+    window's first word when the window opens 0.05-0.25 s before it (measured, docs/aligner.md); a window
+    opened inside its anchor word (the anchor placed late) maps every word onto the next onset, and the
+    chain stays late from there, one word or more. Chains with other accept shares take other anchors, so
+    they go off at other words, and at any word the chains still on track are the earliest ones. (A plain
+    median is outvoted once half the chains are off; measured far worse on one seed.) The earliest group,
+    not the earliest chain, so one chain's ordinary early error is not taken alone.
 
     Windows of every clip at the same chain position form one batch, so the model runs once per window
     position, not once per window.
@@ -286,26 +308,24 @@ def chain_align(
         raise ValueError(f"chain window {chain.seconds:g} s must be in (0, {limit:g}] s (the classes' range)")
     chain.check()
     window_s, fill, accept, back_s = chain.seconds, chain.fill, chain.accept, chain.back_s
-    guard_s = CHAIN_GUARD_SECONDS
-    loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
-    out: list[list[tuple[float, float]]] = [[] for _ in samples]
-    if chain.votes > 1:  # whole chains at nearby window starts; each word's median over them
+    if chain.votes > 1:  # whole chains at other accept shares; each word from its earliest group of chains
+        shares = np.linspace(accept - chain.accept_spread, accept + chain.accept_spread, chain.votes).tolist()
         chains = [
             chain_align(
                 model,
                 processor,
                 samples,
-                replace(chain, back_s=max(0.0, back_s + shift), votes=1),
+                replace(chain, accept=share, votes=1),
                 max_batch_seconds,
                 max_batch_size,
                 decode,
             )
-            for shift in np.linspace(-chain.spread_s, chain.spread_s, chain.votes).tolist()
+            for share in shares
         ]
-        return [
-            [tuple(float(x) for x in np.median(np.asarray(w), axis=0)) for w in zip(*runs, strict=True)]
-            for runs in zip(*chains, strict=True)
-        ]
+        return [earliest_group(runs, chain.vote_tolerance_s) for runs in zip(*chains, strict=True)]
+    guard_s = CHAIN_GUARD_SECONDS
+    loose = AlignerCollator(processor, num_classes, slot_prob=1.0, seed=0, check_units=False)
+    out: list[list[tuple[float, float]]] = [[] for _ in samples]
     # clip -> (window start s, first word given, how many of the given words were accepted already)
     state = {i: (0.0, 0, 0) for i, s in enumerate(samples) if s.utt.words}
     pauses: dict[int, list[tuple[float, float]]] = {}  # clip -> its pauses, found when first needed

@@ -8,7 +8,7 @@ Usage: .venv/bin/python recipes/aligner_synthetic/decode_study.py MODEL SET=MANI
            [--configs argmax:0 monotonic:0 argmax:6]
 MODEL is an export, a run directory or a .ckpt; each config is DECODE:REFINE_SECONDS, or
 DECODE:chainW[:KEY=VALUE...] for chained windows of W seconds (``decode.align_chain_seconds``), KEY a field
-of ``ChainSettings`` (fill, accept, back_s, overlap, snap, votes, spread_s; the defaults otherwise).
+of ``ChainSettings`` (fill, accept, back_s, overlap, snap, votes, accept_spread, vote_tolerance_s; the defaults otherwise).
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 # with other settings, to check that its result is not a property of one corpus: another seed, 3-14 instead of
 # 4-10 words per clip, speaking rates 110-190 instead of 130-210 words per minute, only the default and female
 # voice variants (the seven male variants are held out and never used), sentence case with punctuation (espeak
-# pauses at commas and full stops) and background noise at 25-40 dB SNR. 3,000 train / 100 held-out clips
-# (8,000 did not fit the session that measured it: espeak under contention; docs/results.md).
+# pauses at commas and full stops) and background noise at 25-40 dB SNR. 8,000 train / 100 held-out clips as
+# run.sh (generated in about 4 minutes on 2 cores; docs/results.md).
 # Usage: recipes/aligner_synthetic/run_second_corpus.sh [--stage N] [--stop-stage M] [--steps S] [--num-train N]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-steps=${ALIGNER_STEPS:-1300}; num_train=${ALIGNER_NUM_TRAIN:-3000}; exp=exp/aligner_synthetic2
+steps=${ALIGNER_STEPS:-2500}; num_train=${ALIGNER_NUM_TRAIN:-8000}; exp=exp/aligner_synthetic2
 . recipes/common.sh "$@"
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
