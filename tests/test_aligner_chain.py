@@ -106,10 +106,10 @@ def _oracle(samples: list[Sample], seen: list[tuple[int, float, list[str]]]):
         for i, t0, piece in units:
             names = [w.word for w in piece.utt.words]
             assert all(w.start == w.end == 0.0 for w in piece.utt.words)  # no reference time reaches the model
-            seen.append((i, t0, names))
+            seen.append((piece.index, t0, names))
             length = piece.audio.size / SAMPLE_RATE
             for name in names:
-                start, end = truth[(samples[i].index, name)]
+                start, end = truth[(piece.index, name)]
                 out[i].append((t0 + min(start - t0, length), t0 + min(end - t0, length)))
         return out
 
@@ -372,7 +372,7 @@ def test_votes_combine_whole_chains_at_spread_accept_shares(tiny, monkeypatch):
         out = [[] for _ in range(num_samples)]
         for i, t0, piece in units:
             for k, w in enumerate(piece.utt.words):
-                start, end = truth[(samples[i].index, w.word)]
+                start, end = truth[(piece.index, w.word)]
                 error = 0.08 * np.sin(37.0 * t0 + k)  # up to 80 ms, set by the window
                 out[i].append((start + error, end + error))
         return out
@@ -388,3 +388,43 @@ def test_votes_combine_whole_chains_at_spread_accept_shares(tiny, monkeypatch):
         assert np.asarray(voted[i]) == pytest.approx(np.asarray(expected), abs=1e-9)
         median = np.median(np.stack([np.asarray(s[i]) for s in singles]), axis=0)
         assert not np.allclose(np.asarray(voted[i]), median)  # at 50 ms the groups are not all three chains
+
+
+def test_votes_share_identical_windows_and_match_single_chains(tiny, monkeypatch):
+    """The votes run in lockstep and align a window several chains open identically only once: every clip's
+    first window is run once, not once per chain, and fewer windows run in all than the single chains need
+    one by one. The result still equals the earliest group of those single chains (built separately)."""
+    from qwen3asr_train.eval.align_eval import earliest_group
+
+    model, processor = tiny
+    samples = [_clip(30, index=0), _clip(24, seconds_per_word=0.7, index=1)]
+    truth = {(s.index, w.word): (w.start, w.end) for s in samples for w in s.utt.words}
+    calls: list[list[tuple[int, float, tuple[str, ...]]]] = []
+
+    def noisy(model, processor, collator, units, num_samples, *args):
+        calls.append([(piece.index, t0, tuple(w.word for w in piece.utt.words)) for _, t0, piece in units])
+        out = [[] for _ in range(num_samples)]
+        for j, t0, piece in units:
+            for k, w in enumerate(piece.utt.words):
+                start, end = truth[(piece.index, w.word)]
+                error = 0.06 * np.sin(23.0 * t0 + k)
+                out[j].append((start + error, end + error))
+        return out
+
+    monkeypatch.setattr(align_eval, "_align_units", noisy)
+    base = ChainSettings(4.0, accept=0.4, accept_spread=0.15, vote_tolerance_s=0.05, votes=1, snap=False)
+    singles = []
+    single_windows = 0
+    for share in (0.25, 0.4, 0.55):
+        calls.clear()
+        singles.append(chain_align(model, processor, samples, replace(base, accept=share)))
+        single_windows += sum(len(c) for c in calls)
+    calls.clear()
+    voted = chain_align(model, processor, samples, replace(base, votes=3))
+    assert [c[:2] for c in calls[0]] == [(0, 0.0), (1, 0.0)]  # one first window per clip, shared by 3 chains
+    run = sum(len(c) for c in calls)
+    assert run < single_windows
+    assert all(len(set(c)) == len(c) for c in calls)  # no window is run twice at one position
+    for i in range(len(samples)):
+        expected = earliest_group([s[i] for s in singles], 0.05)
+        assert np.asarray(voted[i]) == pytest.approx(np.asarray(expected), abs=1e-9)
