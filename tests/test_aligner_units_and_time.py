@@ -25,6 +25,7 @@ from qwen3asr_train.eval.align_eval import (
     bias_by_time_table,
     by_time_table,
     split_long_sample,
+    worst_utterances_table,
     write_alignment_reports,
 )
 from qwen3asr_train.eval.alignment import TIME_BIN_LABELS, AlignmentStats, by_time, time_drift_ratio
@@ -199,6 +200,42 @@ def test_reports_show_time_bins_languages_baseline_and_unit_counts(tmp_path):
     assert "val/dev/aas_ms_1to2s" in metrics and "val/dev/aas_time_ratio" in metrics
     assert by_time_table(summary).count("\n") == 2 + 2 * 3  # header + (all, English, German) x (model, baseline)
     assert "Mean signed error of the model" in md and "| dev | +" in md  # every prediction here is late
+
+
+def test_worst_utterances_table_by_hand(tmp_path):
+    """Three clips of one set: u0 exact, u1's second word 400 ms late at both ends (summed error 800 ms),
+    u2's first start 100 ms late (100 ms, under the 150 ms mark). Shares 88.9% / 11.1% / 0.0% of the set's
+    900 ms, worked out by hand; u1 goes off at word #1 "b" (ref start 1.00 s, +400 ms). The worst clip is
+    also plotted."""
+    rng = np.random.default_rng(1)
+    refs = {
+        "u0": [("a", 0.2, 0.5), ("b", 1.0, 1.3)],
+        "u1": [("a", 0.2, 0.5), ("b", 1.0, 1.3)],
+        "u2": [("a", 0.2, 0.5), ("b", 1.0, 1.3), ("c", 1.6, 1.9)],
+    }
+    late = {"u0": {}, "u1": {1: (0.4, 0.4)}, "u2": {0: (0.1, 0.0)}}
+    sets, preds = {"long": []}, {"long": []}
+    stats, baseline = AlignmentStats(), AlignmentStats()
+    for k, (uid, words) in enumerate(refs.items()):
+        ref = [(a, b) for _, a, b in words]
+        pred = [(a + late[uid].get(j, (0, 0))[0], b + late[uid].get(j, (0, 0))[1]) for j, (a, b) in enumerate(ref)]
+        utt = Utterance(
+            uid, "x.wav", 2.5, " ".join(w for w, _, _ in words), "English", words=[AlignedWord(*w) for w in words]
+        )
+        sets["long"].append(Sample(utt, (0.01 * rng.standard_normal(40000)).astype(np.float32), k))
+        preds["long"].append(pred)
+        stats.add(uid, [w for w, _, _ in words], pred, ref, "long", "English")
+        baseline.add(uid, [w for w, _, _ in words], ref, ref, "long", "English")
+    table = worst_utterances_table(stats.records, count=2)
+    rows = [line for line in table.splitlines() if line.startswith("| long |")]
+    assert rows == [
+        '| long | u1 | 2 | 200.0 | 88.9% | 1 | #1 "b", 1.00, +400 |',
+        "| long | u2 | 3 | 16.7 | 11.1% | 0 | – |",
+    ]
+    write_alignment_reports(tmp_path, sets, preds, stats, baseline, max_textgrids=0, plots_per_language=1)
+    assert rows[0] in (tmp_path / "alignment_summary.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "plots-long").iterdir()) == ["u0.png", "u1.png"]  # first + worst
+    assert worst_utterances_table([]) == ""
 
 
 # ----------------------------------------------------------------------------------------- long clips

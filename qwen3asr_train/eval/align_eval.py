@@ -20,6 +20,7 @@ utterance of every language of the set (``eval/plots.py``: legend, labels that n
 utterance's AAS in the title); over all sets: ``alignment_summary.{json,md}`` (per language, and by time in
 the clip next to the energy baseline), ``aas_by_time.png`` (the same by-time numbers as bars) and
 ``unit_policy.json`` (per language: rows whose words were already the aligner's units, re-cut, skipped).
+The summary also lists each set's worst utterances (:func:`worst_utterances_table`) and plots the worst one.
 """
 
 from __future__ import annotations
@@ -544,6 +545,8 @@ def write_alignment_reports(
         per_set.records = [r for r in stats.records if r["set"] == name]
         write_alignments_json(out_dir / f"alignments-{name}.json", per_set)
         to_plot = set(one_per_language(samples, lambda s: s.utt.language, plots_per_language))
+        if per_set.records:  # and the utterance with the largest summed error (a long clip gone off)
+            to_plot.add(max(range(len(per_set.records)), key=lambda k: _summed_error_ms(per_set.records[k])))
         for k, (sample, pred) in enumerate(zip(samples, predictions[name], strict=True)):
             words = [w.word for w in sample.utt.words or []]
             ref = [(w.start, w.end) for w in sample.utt.words or []]
@@ -603,9 +606,51 @@ def write_alignment_reports(
         + bias_by_time_table(summary)
     )
     units_md = _unit_policy_md(summary.get("unit_policy"))
-    (out_dir / "alignment_summary.md").write_text(heading + table + time_md + units_md + plots_md)
+    worst_md = worst_utterances_table(stats.records)
+    (out_dir / "alignment_summary.md").write_text(heading + table + time_md + worst_md + units_md + plots_md)
     log.info("alignment summary:\n%s\nby time in the clip:\n%s", table, time_table)
     return summary
+
+
+def _summed_error_ms(record: dict[str, Any]) -> float:
+    """Sum of |pred - ref| over one utterance record's word starts and ends, in ms."""
+    return 1000.0 * sum(abs(w["start"] - w["ref_start"]) + abs(w["end"] - w["ref_end"]) for w in record["words"])
+
+
+def worst_utterances_table(records: Sequence[dict[str, Any]], count: int = 5, off_ms: float = 150.0) -> str:
+    """Markdown: per set, the ``count`` utterances with the largest summed boundary error, each with its share
+    of the set's summed error and the first word whose start is off by more than ``off_ms``.
+
+    Why: a set's AAS is a mean over boundaries, and on long clips one clip whose alignment went off by a
+    word and never came back (a chained window, docs/aligner.md) can carry most of it: 30 s sets of 12
+    clips where one clip holds two thirds of the error were measured. This table says so at a glance, and
+    where that clip went off, instead of a bare mean."""
+    by_set: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_set.setdefault(record["set"], []).append(record)
+    lines = [
+        f"\nWorst utterances per set (summed |error|; first word whose start is off by > {off_ms:g} ms):\n",
+        "| set | utterance | words | AAS ms | share of the set's error | words off | first off: word, ref start s, error ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for set_name, rows in by_set.items():
+        sums = [_summed_error_ms(r) for r in rows]
+        total = sum(sums)
+        for k in sorted(range(len(rows)), key=lambda k: -sums[k])[:count]:
+            words = rows[k]["words"]
+            off = [(j, w) for j, w in enumerate(words) if abs(w["start"] - w["ref_start"]) * 1000.0 > off_ms]
+            first = (
+                f'#{off[0][0]} "{off[0][1]["word"]}", {off[0][1]["ref_start"]:.2f}, '
+                f"{1000.0 * (off[0][1]['start'] - off[0][1]['ref_start']):+.0f}"
+                if off
+                else "–"
+            )
+            share = f"{100.0 * sums[k] / total:.1f}%" if total > 0 else "–"
+            lines.append(
+                f"| {set_name} | {rows[k]['id']} | {len(words)} | {rows[k]['aas_ms']:.1f} | {share} | {len(off)} "
+                f"| {first} |"
+            )
+    return "\n".join(lines) + "\n" if by_set else ""
 
 
 def by_time_table(summary: dict[str, Any]) -> str:
