@@ -235,6 +235,8 @@ def test_worst_utterances_table_by_hand(tmp_path):
     write_alignment_reports(tmp_path, sets, preds, stats, baseline, max_textgrids=0, plots_per_language=1)
     assert rows[0] in (tmp_path / "alignment_summary.md").read_text()
     assert sorted(p.name for p in (tmp_path / "plots-long").iterdir()) == ["u0.png", "u1.png"]  # first + worst
+    write_alignment_reports(tmp_path / "none", sets, preds, stats, baseline, max_textgrids=0, plots_per_language=0)
+    assert not (tmp_path / "none" / "plots-long").exists()  # plots off means off
     assert worst_utterances_table([]) == ""
 
 

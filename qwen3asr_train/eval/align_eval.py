@@ -535,7 +535,8 @@ def write_alignment_reports(
 ) -> dict[str, Any]:
     """Per-set JSON/TextGrids/plots, the summary tables and the by-time chart; returns the summary.
 
-    ``plots_per_language``: alignment plots of the first N utterances of every language of a set;
+    ``plots_per_language``: alignment plots of the first N utterances of every language of a set and, when
+    N > 0, of the set's worst utterance (largest summed error);
     ``title``: model and step, for the table and the plots; ``unit_report``: the word-unit policy's counts
     (``summary["unit_policy"]`` and ``unit_policy.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -545,8 +546,8 @@ def write_alignment_reports(
         per_set.records = [r for r in stats.records if r["set"] == name]
         write_alignments_json(out_dir / f"alignments-{name}.json", per_set)
         to_plot = set(one_per_language(samples, lambda s: s.utt.language, plots_per_language))
-        if per_set.records:  # and the utterance with the largest summed error (a long clip gone off)
-            to_plot.add(max(range(len(per_set.records)), key=lambda k: _summed_error_ms(per_set.records[k])))
+        # and the utterance with the largest summed error (a long clip gone off), when plots are on
+        worst = max(per_set.records, key=_summed_error_ms)["id"] if per_set.records and plots_per_language else None
         for k, (sample, pred) in enumerate(zip(samples, predictions[name], strict=True)):
             words = [w.word for w in sample.utt.words or []]
             ref = [(w.start, w.end) for w in sample.utt.words or []]
@@ -559,7 +560,7 @@ def write_alignment_reports(
                     len(sample.audio) / SAMPLE_RATE,
                     ref,
                 )
-            if k in to_plot:
+            if k in to_plot or sample.utt.id == worst:
                 aas = _utterance_aas_ms(pred, ref)
                 heading = f"{name} / {sample.utt.language}: {sample.utt.id} (AAS {aas:.0f} ms)"
                 plotted.setdefault(name, []).append(
@@ -622,8 +623,8 @@ def worst_utterances_table(records: Sequence[dict[str, Any]], count: int = 5, of
     of the set's summed error and the first word whose start is off by more than ``off_ms``.
 
     Why: a set's AAS is a mean over boundaries, and on long clips one clip whose alignment went off by a
-    word and never came back (a chained window, docs/aligner.md) can carry most of it: 30 s sets of 12
-    clips where one clip holds two thirds of the error were measured. This table says so at a glance, and
+    word and never came back (a chained window, docs/aligner.md) can carry most of it: a 30 s set of 12
+    clips where one clip holds 59% of the error was measured. This table says so at a glance, and
     where that clip went off, instead of a bare mean."""
     by_set: dict[str, list[dict[str, Any]]] = {}
     for record in records:
