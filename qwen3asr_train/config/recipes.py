@@ -215,9 +215,11 @@ class DecodeConfig:
         )
         _require(
             self.align_chain_votes == 1
-            or 0 < self.align_chain_accept - self.align_chain_accept_spread
-            and self.align_chain_accept_spread >= 0
-            and self.align_chain_accept + self.align_chain_accept_spread <= 1,
+            or (
+                0 < self.align_chain_accept - self.align_chain_accept_spread
+                and self.align_chain_accept_spread >= 0
+                and self.align_chain_accept + self.align_chain_accept_spread <= 1
+            ),
             "decode.align_chain_accept_spread",
             "with votes > 1, align_chain_accept +- align_chain_accept_spread must stay in (0, 1]",
         )

@@ -47,6 +47,7 @@ from qwen3asr_train.data.prompts import TIMESTAMP
 from qwen3asr_train.eval.alignment import (
     TIME_BIN_LABELS,
     AlignmentStats,
+    boundary_errors_ms,
     decode_slots,
     energy_baseline,
     find_pauses,
@@ -615,7 +616,9 @@ def write_alignment_reports(
 
 def _summed_error_ms(record: dict[str, Any]) -> float:
     """Sum of |pred - ref| over one utterance record's word starts and ends, in ms."""
-    return 1000.0 * sum(abs(w["start"] - w["ref_start"]) + abs(w["end"] - w["ref_end"]) for w in record["words"])
+    words = record["words"]
+    pred = [(w["start"], w["end"]) for w in words]
+    return float(boundary_errors_ms(pred, [(w["ref_start"], w["ref_end"]) for w in words]).sum())
 
 
 def worst_utterances_table(records: Sequence[dict[str, Any]], count: int = 5, off_ms: float = 150.0) -> str:
