@@ -6,6 +6,8 @@ items included) for the counts, and ``F.cross_entropy`` on hand-adjusted logits 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,36 @@ def test_a_missing_or_misshapen_prior_is_an_error(setup):
         module.set_slot_prior(np.ones(NUM_CLASSES + 1))
     with pytest.raises(ValueError, match="slot_prior_tau"):
         AlignerConfig(slot_prior_tau=-1.0).validate()
+
+
+def test_hard_slot_weight_applies_in_training_only(setup):
+    """``recipe.slot_hard_weight``: the training loss is the hand-weighted CE; validation scores the plain CE."""
+    from qwen3asr_train.losses import hard_slot_weights
+
+    model, processor, base = setup
+    model = copy.deepcopy(model)
+    batch = AlignerCollator(processor, NUM_CLASSES, slot_prob=1.0, seed=0)([base.load(i) for i in range(len(base))])
+    mask = batch["labels"] != -100
+    with torch.no_grad():  # a peaked head, and every other slot labelled at its own peak: distances 0 and >= cap
+        model.score.weight.normal_(0.0, 50.0, generator=torch.Generator().manual_seed(0))
+        peaks = model.score(training.backbone_hidden(model, batch).last_hidden_state[mask]).argmax(-1)
+        labels = batch["labels"][mask]
+        labels[::2] = peaks[::2]
+        batch["labels"][mask] = labels
+    plain = AlignerModule(model, AlignerConfig(), 1)
+    hard = AlignerModule(model, AlignerConfig(slot_hard_weight=0.5), 1)
+    for m in (plain, hard):
+        m.train()
+    model.eval()  # no dropout, so the two modules see the same logits
+    with torch.no_grad():
+        ref, on = plain.forward_sums(batch), hard.forward_sums(batch)
+        logits = model.score(training.backbone_hidden(model, batch).last_hidden_state[mask]).float()
+        target = batch["labels"][mask]
+        per_slot = F.cross_entropy(logits, target, reduction="none")
+        hand = (per_slot * hard_slot_weights(logits, target, 0.5)).sum()
+        assert float(on["ce_sum"]) == pytest.approx(float(hand), rel=1e-5)
+        assert float(on["ce_sum"]) != pytest.approx(float(ref["ce_sum"]), rel=1e-4)
+        hard.eval()
+        assert float(hard.forward_sums(batch)["ce_sum"]) == pytest.approx(float(ref["ce_sum"]), rel=1e-6)
+    with pytest.raises(ValueError, match="slot_hard_weight"):
+        AlignerConfig(slot_hard_weight=-1.0).validate()

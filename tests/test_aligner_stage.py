@@ -18,7 +18,7 @@ from qwen3asr_train.data.aligner import AlignerCollator
 from qwen3asr_train.data.datamodule import row_checks
 from qwen3asr_train.data.dataset import UtteranceDataset
 from qwen3asr_train.data.manifest import read_manifest
-from qwen3asr_train.losses import gaussian_bin_targets, slot_ce, timestamp_ce
+from qwen3asr_train.losses import gaussian_bin_targets, hard_slot_weights, slot_ce, timestamp_ce
 from qwen3asr_train.model.builder import build_model
 from qwen3asr_train.model.export import save_native, save_original
 from qwen3asr_train.stages import aligner as aligner_stage
@@ -91,6 +91,36 @@ def test_soft_bin_targets_match_a_hand_computation():
     tiny_sum, _, _ = slot_ce(hidden, labels, head, sigma_bins=1e-3)
     assert float(tiny_sum) == pytest.approx(float(hard_sum), rel=1e-5)
     assert float(soft_sum) != pytest.approx(float(hard_sum), rel=1e-3)
+
+
+def test_hard_slot_weights_follow_the_expected_bin_distance_by_hand():
+    """``slot_hard_weight``: each slot's CE times ``1 + a * min(E_p|c - y|, 10)``, rescaled to mean 1, computed
+    here from the probabilities by hand; 0 leaves the loss unchanged, and a far-off slot gets more gradient."""
+    num_classes, alpha = 16, 1.0
+    hidden = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[0, 4], labels[1, 2] = 3, 8, 15
+    head = torch.nn.Linear(4, num_classes)
+    slots = ((0, 1), (0, 4), (1, 2))
+    ces, distances = [], []
+    for b, t in slots:
+        logp = torch.log_softmax(head(hidden[b, t]).double(), -1)
+        y = int(labels[b, t])
+        ces.append(-float(logp[y]))
+        distances.append(sum(math.exp(float(logp[c])) * abs(c - y) for c in range(num_classes)))
+    raw = [1.0 + alpha * min(d, 10.0) for d in distances]
+    by_hand = sum(c * w / (sum(raw) / len(raw)) for c, w in zip(ces, raw, strict=True))
+    weighted, n, _ = slot_ce(hidden, labels, head, hard_weight=alpha)
+    plain, _, _ = slot_ce(hidden, labels, head)
+    assert int(n) == 3 and float(weighted) == pytest.approx(by_hand, rel=1e-5)
+    assert float(plain) == pytest.approx(sum(ces), rel=1e-5)
+    assert float(weighted) != pytest.approx(float(plain), rel=1e-4)
+    # equally confident slots: the one peaked twelve bins from its label weighs more than the one a bin off
+    logits = torch.zeros(2, num_classes)
+    logits[0, 2], logits[1, 14] = 4.0, 4.0
+    target = torch.tensor([3, 2])
+    w = hard_slot_weights(logits, target, alpha)
+    assert float(w.mean()) == pytest.approx(1.0) and float(w[1]) > 2 * float(w[0])
 
 
 def test_aligner_ctc_targets_are_the_word_tokens(tone_manifest, tmp_path):

@@ -539,6 +539,10 @@ class AlignerConfig:
     """Logit adjustment of the slot loss (training only): the slot CE is computed on ``logits + tau x log p(c)``
     with ``p`` the slot labels' class frequencies in one training epoch (add-one smoothed), so the raw logits
     used at inference are corrected for the steep slot-time prior. 0 = off (the loss is exactly the slot loss)."""
+    slot_hard_weight: float = 0.0
+    """Hard-slot emphasis (training only): each slot's CE is weighted by ``1 + w x`` the expected distance in bins
+    between its predicted distribution and its label (capped at 10 bins), rescaled to mean 1 per micro-batch
+    (``losses.hard_slot_weights``). 0 = off (the loss is exactly the slot loss)."""
     concat_max_seconds: float = 0.0
     """Long-form training: also train on consecutive utterances concatenated up to this many seconds (0 = off)."""
     concat_gap_seconds: float = 0.0
@@ -588,6 +592,7 @@ class AlignerConfig:
         _require(self.attn_sup_head >= -1, "recipe.attn_sup_head", "must be a head index or -1 (mean of heads)")
         _require(self.attn_sup_sigma_ms > 0, "recipe.attn_sup_sigma_ms", "must be > 0")
         _require(self.slot_prior_tau >= 0, "recipe.slot_prior_tau", "must be >= 0")
+        _require(self.slot_hard_weight >= 0, "recipe.slot_hard_weight", "must be >= 0")
 
 
 @dataclass

@@ -294,7 +294,7 @@ def chain_align(
     ``votes`` = *V* > 1 runs *V* whole chains, their ``accept`` shares evenly spaced over
     ``accept +- accept_spread``, and gives each word the median of its *earliest group*: the chains that
     start it no more than ``vote_tolerance_s`` after the earliest of them. Why: the aligner only finds a
-    window's first word when the window opens 0.05-0.25 s before it (measured, docs/aligner.md); a window
+    window's first word when the window opens 0.05-0.2 s before it (measured, docs/aligner.md); a window
     opened inside its anchor word (the anchor placed late) maps every word onto the next onset, and the
     chain stays late from there, one word or more. Chains with other accept shares take other anchors, so
     they go off at other words, and at any word the chains still on track are the earliest ones. (A plain
@@ -763,8 +763,8 @@ def plot_aas_by_time(path: Path, summary: dict[str, Any], title: str | None = No
 
 def _utterance_aas_ms(pred: Sequence[tuple[float, float]], ref: Sequence[tuple[float, float]]) -> float:
     """Mean |pred - ref| over the starts and ends of one utterance, in ms (the AAS of that utterance)."""
-    errors = [abs(p - r) for ps, rs in zip(pred, ref, strict=True) for p, r in zip(ps, rs, strict=True)]
-    return 1000.0 * sum(errors) / len(errors) if errors else float("nan")
+    errors = boundary_errors_ms(pred, ref)
+    return float(errors.mean()) if errors.size else float("nan")
 
 
 def _metric_bin(label: str) -> str:

@@ -353,7 +353,11 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
         ):
             out = training.backbone_hidden(self.model, batch)
         ce_sum, n_slots, predicted = slot_ce(
-            out.last_hidden_state, batch["labels"], self._slot_head(), self.recipe.label_sigma_bins
+            out.last_hidden_state,
+            batch["labels"],
+            self._slot_head(),
+            self.recipe.label_sigma_bins,
+            self.recipe.slot_hard_weight if self.training else 0.0,
         )
         target = batch["labels"][batch["labels"] != -100]
         sums = {
