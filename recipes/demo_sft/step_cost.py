@@ -51,9 +51,17 @@ def cpu_times() -> tuple[float, float]:
 
 
 def measure(corpus: Path, overrides: list[str], steps: int, ops: bool) -> dict[str, float]:
-    """CPU seconds per optimizer step of the data path and of the model (see the module docstring)."""
+    """CPU seconds per optimizer step of the data path and of the model (see the module docstring).
+
+    The run directory is a temporary one, removed afterwards: each call writes a resolved config and
+    logger files there, and the test suite calls this on every run.
+    """
+    with tempfile.TemporaryDirectory(prefix="step_cost_") as run_dir:
+        return _measure(corpus, overrides, steps, ops, run_dir)
+
+
+def _measure(corpus: Path, overrides: list[str], steps: int, ops: bool, run_dir: str) -> dict[str, float]:
     register_schemas()
-    run_dir = tempfile.mkdtemp(prefix="step_cost_")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         raw = compose(
             "config",
