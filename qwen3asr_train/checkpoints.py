@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration, Qwen3ASRForTokenClassification
 
+from qwen3asr_train.averaging import EMA_KEY, overlay_average
 from qwen3asr_train.config.schema import LoraConfig, ModelConfig
 from qwen3asr_train.model.builder import AsrModel, apply_lora, build_model, merge_lora, zero_padded_audio_frames
 from qwen3asr_train.model.convert import CheckpointLayoutError, check_keys, is_aligner_config, read_config_json
@@ -44,9 +45,11 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     raise FileNotFoundError(f"recipe.checkpoint={path}: neither a checkpoint nor a run directory with checkpoints/")
 
 
-def load_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def load_module_state(ckpt: Path, averaged: bool = True) -> dict[str, torch.Tensor]:
     """The LightningModule state dict of a checkpoint (a file, or a DeepSpeed checkpoint directory).
 
+    ``averaged``: where the run kept a weight average (``trainer.ema_decay``), its tensors replace the raw
+    ones (``qwen3asr_train.averaging``); False gives the raw weights training continues from.
     Files are read with ``weights_only=True``: a checkpoint that needs arbitrary objects is refused
     (:class:`~qwen3asr_train.training.CheckpointError` naming the file), never executed.
     """
@@ -57,11 +60,16 @@ def load_module_state(ckpt: Path) -> dict[str, torch.Tensor]:
     payload = load_checkpoint_file(ckpt)
     if "state_dict" not in payload:
         raise CheckpointError(f"{ckpt}: no state_dict (not a Lightning training checkpoint)")
+    if averaged:
+        return overlay_average(payload["state_dict"], payload, str(ckpt))
+    if EMA_KEY in payload:
+        log.info("%s: using the raw weights (the checkpoint also holds a weight average)", ckpt)
     return payload["state_dict"]
 
 
-def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str, Any]]:
-    """Rebuild the trained model (weights from ``ckpt``) and its processor from the run directory."""
+def rebuild_from_run(ckpt: Path, run_dir: Path, averaged: bool = True) -> tuple[AsrModel, Any, dict[str, Any]]:
+    """Rebuild the trained model (weights from ``ckpt``, averaged where the run kept an average and
+    ``averaged`` is true) and its processor from the run directory."""
     init_dir = run_dir / "model_init"
     if not (init_dir / "config.json").exists():
         raise CheckpointLayoutError(f"{run_dir}: no model_init/config.json (was this written by qwen3asr_train?)")
@@ -71,7 +79,7 @@ def rebuild_from_run(ckpt: Path, run_dir: Path) -> tuple[AsrModel, Any, dict[str
     aligner = int(getattr(config, "num_labels", 0) or 0) > 2 and "TokenClassification" in str(config.architectures)
     cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
     model = cls(config)
-    state = {k.removeprefix("model."): v for k, v in load_module_state(ckpt).items() if k.startswith("model.")}
+    state = {k.removeprefix("model."): v for k, v in load_module_state(ckpt, averaged).items() if k.startswith("model.")}
     if any("lora_" in k for k in state):
         apply_lora(model, LoraConfig(**run_cfg.get("model", {}).get("lora", {})))
     expected = set(model.state_dict())

@@ -27,6 +27,7 @@ import lightning as L
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from qwen3asr_train.averaging import averaged_weights
 from qwen3asr_train.config.schema import RunConfig
 from qwen3asr_train.data.manifest import SkipReport, Utterance
 from qwen3asr_train.eval.plots import write_run_plots
@@ -217,7 +218,8 @@ def finish_run(
                 run_dir,
             )
         else:
-            written["export"] = str(export_final(model, processor, trainer.global_step, run_dir))
+            with averaged_weights(trainer, trainer.lightning_module):  # the weight average, when kept
+                written["export"] = str(export_final(model, processor, trainer.global_step, run_dir))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if trainer.is_global_zero:

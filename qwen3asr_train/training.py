@@ -743,6 +743,11 @@ def build_trainer(
     progress = progress_callbacks(t.enable_progress_bar, every_n_steps=0, every_seconds=30.0)
     configured = [instantiate(dict(spec)) for spec in t.callbacks.values()]  # trainer.callbacks.<name>._target_
     callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *progress, *configured, *extra_callbacks]
+    if t.ema_decay > 0:
+        from qwen3asr_train.averaging import WeightEMA
+
+        # first: its update of a step is in place before that step's checkpoints and evaluations
+        callbacks.insert(0, WeightEMA(t.ema_decay, t.ema_start_step))
     logger = build_logger(
         cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from and not Path(resume_from).is_dir() else None
     )

@@ -140,6 +140,9 @@ class ExportConfig:
     """``native`` (transformers ``-hf`` layout), ``original`` (thinker layout read by qwen-asr and vLLM) or ``both``."""
     dtype: str = "float32"
     """Dtype of the saved weights (float32 or bfloat16)."""
+    ema: bool = True
+    """Export the weight average when the checkpoint holds one (``trainer.ema_decay`` > 0); false: the raw
+    weights training would continue from."""
 
     def validate(self) -> None:
         _require(self.layout in {"native", "original", "both"}, "recipe.layout", "must be native|original|both")

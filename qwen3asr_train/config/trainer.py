@@ -60,6 +60,11 @@ class TrainerConfig:
     """FSDP sharding strategy: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or NO_SHARD."""
     deepspeed_offload: bool = False
     """DeepSpeed: offload optimizer state (and ZeRO-3 parameters) to CPU memory."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay per optimizer step (0: off;
+    e.g. 0.998 averages over ~500 steps). Evaluation and exports use the average (docs/stages.md)."""
+    ema_start_step: int = 0
+    """Before this optimizer step the average just follows the weights."""
 
     def validate(self) -> None:
         for name, spec in self.callbacks.items():
@@ -86,7 +91,15 @@ class TrainerConfig:
             "trainer.fsdp_sharding",
             "must be FULL_SHARD|SHARD_GRAD_OP|HYBRID_SHARD|NO_SHARD",
         )
+        _require(0.0 <= self.ema_decay < 1.0, "trainer.ema_decay", "must be in [0, 1) (0: no average)")
+        _require(self.ema_start_step >= 0, "trainer.ema_start_step", "must be >= 0")
         if self.strategy in {"fsdp", "deepspeed_zero2", "deepspeed_zero3"}:
+            _require(
+                self.ema_decay == 0.0,
+                "trainer.ema_decay",
+                f"the weight average is not supported with {self.strategy} yet: no rank holds whole weights to "
+                "average; use ddp, or set trainer.ema_decay=0",
+            )
             _require(
                 self.accelerator != "cpu",
                 "trainer.strategy",

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from transformers import Qwen3ASRProcessor
 
+from qwen3asr_train.averaging import averaged_weights
 from qwen3asr_train.config.recipes import BiasingConfig
 from qwen3asr_train.config.schema import DataConfig, EvalHookConfig
 from qwen3asr_train.data.audio import AudioError
@@ -188,7 +189,8 @@ class PeriodicEvaluation(L.Callback):
         model = pl_module.model
         out_dir = self.run_dir / "eval" / f"step-{step:08d}"
         self.evaluator.title = f"{self.run_dir.name}, step {step}"
-        metrics = self.evaluator.evaluate(model, out_dir, write=trainer.is_global_zero)
+        with averaged_weights(trainer, pl_module):  # the weight average, when the run keeps one
+            metrics = self.evaluator.evaluate(model, out_dir, write=trainer.is_global_zero)
         metrics = trainer.strategy.broadcast(metrics, src=0)
         self.history.append((step, metrics))
         if trainer.is_global_zero and trainer.logger is not None and metrics:

@@ -26,7 +26,7 @@ def run(cfg: RunConfig) -> dict[str, str]:
     recipe: ExportConfig = cfg.recipe
     ckpt, run_dir = find_checkpoint(recipe.checkpoint)
     step = checkpoint_step(ckpt) if ckpt.is_file() else None  # a damaged or unsafe file fails here, named
-    model, processor, run_cfg = rebuild_from_run(ckpt, run_dir)
+    model, processor, run_cfg = rebuild_from_run(ckpt, run_dir, averaged=recipe.ema)
     assert_finite_weights(model.named_parameters(), f"an export of {ckpt}")
     run_cfg = {**run_cfg, "exported_from": {"global_step": step, "checkpoint": str(ckpt)}}
     log.info("exporting %s (global step %s)", ckpt, step)
