@@ -79,7 +79,9 @@ def rebuild_from_run(ckpt: Path, run_dir: Path, averaged: bool = True) -> tuple[
     aligner = int(getattr(config, "num_labels", 0) or 0) > 2 and "TokenClassification" in str(config.architectures)
     cls = Qwen3ASRForTokenClassification if aligner else Qwen3ASRForConditionalGeneration
     model = cls(config)
-    state = {k.removeprefix("model."): v for k, v in load_module_state(ckpt, averaged).items() if k.startswith("model.")}
+    state = {
+        k.removeprefix("model."): v for k, v in load_module_state(ckpt, averaged).items() if k.startswith("model.")
+    }
     if any("lora_" in k for k in state):
         apply_lora(model, LoraConfig(**run_cfg.get("model", {}).get("lora", {})))
     expected = set(model.state_dict())
