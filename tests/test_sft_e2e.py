@@ -210,6 +210,7 @@ def test_ddp_two_cpu_processes(manifest_dir, tmp_path):
         "trainer.devices=2",
         "trainer.max_steps=3",
         "data.max_batch_seconds=4",
+        "trainer.ema_decay=0.5",  # the weight average under DDP: kept on every rank, exported by rank 0
     )
     overrides = [o for o in overrides if not o.startswith("run_dir=")] + [f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(
@@ -223,3 +224,11 @@ def test_ddp_two_cpu_processes(manifest_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(_losses(run_dir)) == 3
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "export" / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    payload = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    average, raw = payload["ema_state_dict"], payload["state_dict"]
+    exported = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert set(average) <= set(raw) and any(not torch.equal(average[k], raw[k]) for k in average)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, average.get(f"model.{name}", raw[f"model.{name}"])), name
