@@ -79,6 +79,41 @@ def test_a_span_is_a_slice_of_the_words_and_of_the_audio(tiny):
     assert AlignerCollator(processor, NUM_CLASSES, 1.0, seed=3).spanned(sample, 0) is sample  # off by default
 
 
+def test_a_late_opened_span_starts_inside_its_first_word_and_labels_it_at_zero(tiny):
+    _, processor = tiny
+    late = AlignerCollator(
+        processor, NUM_CLASSES, 1.0, seed=3, span_prob=1.0, span_lead_seconds=0.3, span_late_prob=0.5
+    )
+    plain = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=3, span_prob=1.0, span_lead_seconds=0.3)
+    sample = _clip(8)
+    inside = before = 0
+    for epoch in range(200):
+        got = late.spanned(sample, epoch)
+        cut = float(got.audio[0]) / SAMPLE_RATE  # the ramp: the first kept sample's index
+        first = sample.utt.words[int(got.utt.words[0].word[1:])]
+        if first.start < cut:  # opened inside the first word: at most 0.3 s in, at least 50 ms of it kept
+            inside += 1
+            assert cut - first.start <= 0.3 + 1 / SAMPLE_RATE and first.end - cut >= 0.05 - 1 / SAMPLE_RATE
+            assert got.utt.words[0].start == 0.0  # its start label is the window's start (class 0)
+            assert got.utt.words[0].end == pytest.approx(first.end - cut, abs=1e-9)
+        else:
+            before += 1
+            assert first.start - cut <= 0.3 + 1 / SAMPLE_RATE
+        for w in got.utt.words[1:]:  # the other words move with the audio, to the sample
+            ref = sample.utt.words[int(w.word[1:])]
+            assert w.start + cut == pytest.approx(ref.start, abs=1e-9)
+    # spans from word 0 (1 in 8) always start at the clip's start; half of the rest open inside
+    assert 0.3 < inside / 200 < 0.6 and before > 0
+    # q = 0 draws nothing more: the same spans as a collator without the option
+    off = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=3, span_prob=1.0, span_lead_seconds=0.3, span_late_prob=0.0)
+    for epoch in range(20):
+        assert off.spanned(sample, epoch).utt.words == plain.spanned(sample, epoch).utt.words
+    with pytest.raises(ValueError, match="span_late_prob"):
+        AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_late_prob=2.0)
+    with pytest.raises(ConfigError, match="span_late_prob"):
+        AlignerConfig(span_late_prob=-0.1).validate()
+
+
 def test_span_probability_and_its_labels(tiny):
     _, processor = tiny
     collator = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0, span_prob=0.5)

@@ -511,6 +511,10 @@ class AlignerConfig:
     chained-window alignment of long recordings (``decode.align_chain_seconds``) feeds it. 0 = off."""
     span_lead_seconds: float = 0.3
     """Most audio kept before a span's first word (drawn uniformly from 0 to this)."""
+    span_late_prob: float = 0.0
+    """This share of the spans that start at a later word open inside that word (up to ``span_lead_seconds``
+    after its start; its start label is then the window's start), as a chain window does after an anchor
+    placed one word late (docs/aligner.md). 0 = off."""
     span_window_seconds: float = 0.0
     """> 0: a span's audio is also cut to at most this many seconds (the chain window,
     ``decode.align_chain_seconds``), keeping the words that end inside it; clips longer than this (long-form
@@ -577,6 +581,7 @@ class AlignerConfig:
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
         _require(0.0 <= self.span_prob <= 1.0, "recipe.span_prob", "must be in [0, 1]")
         _require(self.span_lead_seconds >= 0, "recipe.span_lead_seconds", "must be >= 0")
+        _require(0.0 <= self.span_late_prob <= 1.0, "recipe.span_late_prob", "must be in [0, 1]")
         _require(self.span_window_seconds >= 0, "recipe.span_window_seconds", "must be >= 0")
         _require(
             self.span_window_seconds == 0 or self.slot_prior_tau == 0,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 SEGMENT_MS = 80.0
 """Milliseconds per time class (``timestamp_segment_time`` of the released aligner)."""
 
+
+LATE_OPEN_KEEP_SECONDS = 0.05
+"""A span opened inside its first word (``span_late_prob``) keeps at least this much of that word."""
 
 SHIFT_MARGIN_SECONDS = 0.05
 """A negative time shift keeps at least this much audio before the first word."""
@@ -233,10 +237,14 @@ class AlignerCollator:
         span_prob: float = 0.0,
         span_lead_seconds: float = 0.3,
         span_window_seconds: float = 0.0,
+        span_late_prob: float = 0.0,
     ) -> None:
         """``augment``: the training-audio transforms (``data/transforms.py``; speed moves the word times);
-        None for clean batches. ``span_prob`` / ``span_lead_seconds`` / ``span_window_seconds``: the
-        partial-transcript augmentation (:meth:`spanned`)."""
+        None for clean batches. ``span_prob`` / ``span_lead_seconds`` / ``span_window_seconds`` /
+        ``span_late_prob``: the partial-transcript augmentation (:meth:`spanned`)."""
+        if not 0.0 <= span_late_prob <= 1.0:
+            raise ValueError(f"span_late_prob must be in [0, 1], got {span_late_prob}")
+        self.span_late_prob = span_late_prob
         if not 0.0 <= span_prob <= 1.0:
             raise ValueError(f"span_prob must be in [0, 1], got {span_prob}")
         if span_lead_seconds < 0:
@@ -328,6 +336,13 @@ class AlignerCollator:
         not the whole clip); when ``a > 0`` the audio starts ``U(0, span_lead_seconds)`` before word ``a``
         and the word times move with it. The draw has its own RNG stream per (seed, epoch, index).
 
+        ``span_late_prob`` = *q* > 0: this share of the spans that start at a word ``a > 0`` open *inside* it
+        instead, ``U(0, span_lead_seconds)`` after its start (keeping at least 50 ms of it); its start label
+        is then the window's start (class 0). Why: a chain whose anchor was placed one word late opens its next
+        window inside the re-given word; a model that has only seen windows opening before their first word
+        maps that word onto the next onset and every later word one onset late, and the chain never recovers
+        (docs/aligner.md). With *q* = 0 no draw is made, so runs without it keep their data.
+
         ``span_window_seconds`` = *W* > 0 also cuts the audio to at most *W* seconds from its start, as a chain
         window of *W* seconds is cut, and keeps only words that end inside it (``b`` drawn among those); a clip
         longer than *W* (a long-form item) is always cut so, whatever ``span_prob``. Why: a chain window cut
@@ -350,12 +365,12 @@ class AlignerCollator:
                 b = rng.randrange(a + 1, len(words) + 1)
                 if (a, b) != (0, len(words)):
                     break
-            start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
+            start = self._span_start(words, a, rng)
             stop = total
         else:
             for _ in range(100):
                 a = rng.randrange(len(words))
-                start = max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds)) if a > 0 else 0.0
+                start = self._span_start(words, a, rng)
                 stop = min(total, start + window)
                 fit = 0  # words a, a+1, ... that end inside the window
                 while a + fit < len(words) and words[a + fit].end <= stop:
@@ -374,6 +389,17 @@ class AlignerCollator:
         audio = sample.audio[n:m]
         utt = replace(sample.utt, words=kept, duration=audio.size / SAMPLE_RATE)
         return Sample(utt, audio, sample.index)
+
+    def _span_start(self, words: Sequence[AlignedWord], a: int, rng: random.Random) -> float:
+        """Where a span starting at word ``a`` opens (seconds): the clip's start for ``a = 0``; else up to
+        ``span_lead_seconds`` before word ``a``, or, with probability ``span_late_prob``, up to that far
+        inside it (:meth:`spanned`)."""
+        if a == 0:
+            return 0.0
+        if self.span_late_prob > 0 and rng.random() < self.span_late_prob:
+            depth = min(self.span_lead_seconds, words[a].end - words[a].start - LATE_OPEN_KEEP_SECONDS)
+            return words[a].start + rng.uniform(0.0, max(0.0, depth))
+        return max(0.0, words[a].start - rng.uniform(0.0, self.span_lead_seconds))
 
     def row(self, sample: Sample, slotted: list[bool], n_audio: int) -> tuple[list[int], list[int], list[AlignedWord]]:
         """(ids with the audio pad expanded to ``n_audio``, labels, the slotted reference words)."""

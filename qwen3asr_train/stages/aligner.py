@@ -565,6 +565,7 @@ def prepare(
         span_prob=recipe.span_prob,
         span_lead_seconds=recipe.span_lead_seconds,
         span_window_seconds=recipe.span_window_seconds,
+        span_late_prob=recipe.span_late_prob,
     )
     full = AlignerCollator(processor, num_classes, 1.0, cfg.seed)
     collator, full = maybe_packed(collator, cfg.data), maybe_packed(full, cfg.data)
