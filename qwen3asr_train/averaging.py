@@ -60,12 +60,9 @@ class WeightEMA(L.Callback):
         self.updated_step = 0
 
     # ------------------------------------------------------------------------------------ the average
-    def _init_from(self, pl_module: L.LightningModule) -> None:
-        self.average = {name: p.detach().float().clone() for name, p in trainable(pl_module)}
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.average is None:
-            self._init_from(pl_module)
+            self.average = {name: p.detach().float().clone() for name, p in trainable(pl_module)}
             return
         names = {name for name, _ in trainable(pl_module)}
         if names != set(self.average):
@@ -119,13 +116,13 @@ class WeightEMA(L.Callback):
                 if id(p) in canonical
             }
             checkpoint[EMA_KEY] = {name: self.average[src].detach().cpu().clone() for name, src in aliases.items()}
-            checkpoint["ema_meta"] = {"decay": self.decay, "start_step": self.start_step, "step": self.updated_step}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if EMA_KEY in checkpoint:
             names = {name for name, _ in trainable(pl_module)}  # aliases of tied parameters dropped
             self.average = {name: t.float().clone() for name, t in checkpoint[EMA_KEY].items() if name in names}
-            self.updated_step = int(checkpoint.get("ema_meta", {}).get("step", checkpoint.get("global_step", 0)))
+            # the callback runs first, so a checkpoint of step N always holds the update of step N
+            self.updated_step = int(checkpoint.get("global_step", 0))
         else:
             log.warning(
                 "the resumed checkpoint has no averaged weights (it was written with trainer.ema_decay=0): "
@@ -144,10 +141,7 @@ def find_ema(trainer: L.Trainer | None) -> WeightEMA | None:
 def averaged_weights(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Iterator[None]:
     """The averaged weights in ``pl_module`` for the block when the run averages; a no-op otherwise."""
     ema = find_ema(trainer)
-    if ema is None:
-        yield
-        return
-    with ema.applied(pl_module):
+    with ema.applied(pl_module) if ema is not None else contextlib.nullcontext():
         yield
 
 

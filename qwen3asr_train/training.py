@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from qwen3asr_train.averaging import WeightEMA
 from qwen3asr_train.config.schema import LoggerConfig, OptimConfig, RunConfig, TrainerConfig
 from qwen3asr_train.data.packing import PACKED_KEY, packed_causal_mask
 from qwen3asr_train.data.workers import node_cores, resolve_num_workers, resolve_prefetch_factor  # noqa: F401 (re-exported)
@@ -743,10 +744,7 @@ def build_trainer(
     progress = progress_callbacks(t.enable_progress_bar, every_n_steps=0, every_seconds=30.0)
     configured = [instantiate(dict(spec)) for spec in t.callbacks.values()]  # trainer.callbacks.<name>._target_
     callbacks: list[L.Callback] = [fault, checkpoint, TorchRNGState(), *progress, *configured, *extra_callbacks]
-    if t.ema_decay > 0:
-        from qwen3asr_train.averaging import WeightEMA
-
-        # first: its update of a step is in place before that step's checkpoints and evaluations
+    if t.ema_decay > 0:  # first: its update of a step is in place before that step's checkpoints and evaluations
         callbacks.insert(0, WeightEMA(t.ema_decay, t.ema_start_step))
     logger = build_logger(
         cfg.logger, run_dir, checkpoint_step(resume_from) if resume_from and not Path(resume_from).is_dir() else None
