@@ -171,3 +171,27 @@ def test_monotonic_decoding_keeps_ordered_argmax_and_takes_the_second_mode_that_
     assert decode_slots(logits, ids, TS) == [[0.08, 0.24, 3.2, 3.2]]
     with pytest.raises(ValueError, match="unknown slot decoding"):
         decode_slots(logits, ids, TS, method="viterbi")
+
+
+def test_centroid_decoding_by_hand():
+    """``centroid``: each slot at the probability-weighted mean bin of its argmax and the two beside it; slots
+    moved by upstream's repair stay where it put them; the result stays non-decreasing."""
+    n_classes = 12
+    logp = np.full((5, n_classes), -30.0)
+    logp[0, 1:4] = np.log([0.1, 0.6, 0.3])  # 2.2 bins = 176 ms
+    logp[1, 3:6] = np.log([0.2, 0.6, 0.2])  # symmetric around bin 4: exactly 320 ms
+    logp[2, 10:12] = np.log([0.4, 0.6])  # argmax bin 11, an outlier: the repair snaps it to 320 ms, kept there
+    logp[3, 4:6] = np.log([0.45, 0.55])  # 4.55 bins = 364 ms
+    logp[4, 6] = 0.0  # one bin: 480 ms
+    ids = torch.full((1, 7), 1)
+    ids[0, 1:6] = TS
+    logits = torch.full((1, 7, n_classes), -30.0, dtype=torch.float64)
+    logits[0, 1:6] = torch.from_numpy(logp)
+    assert decode_slots(logits, ids, TS)[0] == [0.16, 0.32, 0.32, 0.4, 0.48]
+    got = decode_slots(logits, ids, TS, method="centroid")[0]
+    assert got == pytest.approx([0.176, 0.32, 0.32, 0.364, 0.48], abs=1e-9)
+    logits[0, 3, 10:12] = -30.0
+    logits[0, 3, 5] = 0.0  # slot 2 now plainly on bin 5 (400 ms): slot 3's 364 ms must not go before it
+    assert decode_slots(logits, ids, TS)[0] == [0.16, 0.32, 0.4, 0.4, 0.48]
+    got = decode_slots(logits, ids, TS, method="centroid")[0]
+    assert got == pytest.approx([0.176, 0.32, 0.4, 0.4, 0.48], abs=1e-9)

@@ -171,7 +171,8 @@ class DecodeConfig:
     """Use the manifest's context in the system turn."""
     align_decode: str = "argmax"
     """Forced aligners: slot decoding, ``argmax`` (upstream's: argmax per slot, then its monotonic repair) or
-    ``monotonic`` (the most probable non-decreasing times under the slots' softmax; docs/aligner.md)."""
+    ``monotonic`` (the most probable non-decreasing times under the slots' softmax) or ``centroid`` (``argmax``,
+    then each slot at the probability-weighted mean of its bin and the two beside it; docs/aligner.md)."""
     align_refine_seconds: float = 0.0
     """Forced aligners: > 0 aligns a clip longer than this twice, the second time in pieces of at most this
     length cut at pauses between the first pass's words (no reference times; docs/aligner.md). 0 = one pass."""
@@ -215,7 +216,11 @@ class DecodeConfig:
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
-        _require(self.align_decode in {"argmax", "monotonic"}, "decode.align_decode", "must be argmax|monotonic")
+        _require(
+            self.align_decode in {"argmax", "monotonic", "centroid"},
+            "decode.align_decode",
+            "must be argmax|monotonic|centroid",
+        )
         _require(self.align_refine_seconds >= 0, "decode.align_refine_seconds", "must be >= 0")
         _require(self.align_chain_seconds >= 0, "decode.align_chain_seconds", "must be >= 0")
         _require(0 < self.align_chain_fill <= 1, "decode.align_chain_fill", "must be in (0, 1]")
