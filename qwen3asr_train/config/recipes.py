@@ -203,16 +203,6 @@ class DecodeConfig:
     align_chain_vote_tolerance_seconds: float = 0.2
     """Chained windows: a word's earliest group is the chains that start it at most this long after the
     earliest of them."""
-    align_relabel_durations: str = ""
-    """Forced aligners: a manifest with word times (the aligner's training manifest) or a duration table
-    (``.json``) to relabel the aligned spans with (``eval/durations.py``): where a stretch of words fits the
-    word lengths much better shifted by one, the labels move (a one-word slip of the aligner undone;
-    docs/aligner.md). "" = off."""
-    align_relabel_sigma: float = 0.2
-    """Duration relabelling: spread of log(span length / expected length) of a correctly labelled word."""
-    align_relabel_penalty: float = 10.0
-    """Duration relabelling: cost of each move other than one word on one span (in the same units as a word's
-    squared duration misfit / 2): the larger, the more words must agree before a label moves."""
 
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
@@ -228,8 +218,6 @@ class DecodeConfig:
         _require(self.align_chain_overlap >= 0, "decode.align_chain_overlap", "must be >= 0")
         _require(self.align_chain_back_seconds >= 0, "decode.align_chain_back_seconds", "must be >= 0")
         _require(self.align_chain_votes >= 1, "decode.align_chain_votes", "must be >= 1")
-        _require(self.align_relabel_sigma > 0, "decode.align_relabel_sigma", "must be > 0")
-        _require(self.align_relabel_penalty >= 0, "decode.align_relabel_penalty", "must be >= 0")
         _require(
             self.align_chain_vote_tolerance_seconds >= 0, "decode.align_chain_vote_tolerance_seconds", "must be >= 0"
         )

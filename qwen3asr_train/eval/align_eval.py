@@ -57,7 +57,6 @@ from qwen3asr_train.eval.alignment import (
     write_textgrid,
 )
 from qwen3asr_train.eval.decode import duration_batches
-from qwen3asr_train.eval.durations import Relabel, relabel_all, relabel_from_decode
 from qwen3asr_train.eval.plots import one_per_language, plot_alignment
 
 log = logging.getLogger(__name__)
@@ -397,7 +396,6 @@ def align(
     decode: str = "argmax",
     refine_seconds: float = 0.0,
     chain: ChainSettings | None = None,
-    relabel: Relabel | None = None,
 ) -> list[list[tuple[float, float]]]:
     """Predicted (start, end) seconds of every word of every sample, sharded over ranks when distributed.
 
@@ -409,14 +407,8 @@ def align(
     pass's words (:func:`refine_cuts`; no reference times used), so long recordings get the accuracy the
     model has on clips of its training length. ``chain`` with ``seconds`` > 0: a clip longer than that is
     aligned as a chain of windows of that length (:func:`chain_align`; no reference times used, any length),
-    instead of in one piece. ``relabel``: the spans are then relabelled by word durations
-    (:func:`~qwen3asr_train.eval.durations.relabel_all`), undoing one-word slips.
+    instead of in one piece.
     """
-    if relabel is not None:
-        spans = align(
-            model, processor, samples, max_batch_seconds, max_batch_size, chunk_long, decode, refine_seconds, chain
-        )
-        return relabel_all(spans, [[w.word for w in s.utt.words or []] for s in samples], relabel)
     chain_seconds = chain.seconds if chain is not None else 0.0
     if refine_seconds > 0 and chain_seconds > 0:
         raise ValueError("choose one long-clip pass: refine_seconds or chain seconds, not both")
@@ -815,7 +807,6 @@ class AlignmentEvaluator:
         decode: str = "argmax",
         refine_seconds: float = 0.0,
         chain: ChainSettings | None = None,
-        relabel: Relabel | None = None,
     ) -> None:
         """``sets`` should have passed the word-unit policy (:func:`~qwen3asr_train.data.aligner.usable_samples`)
         with its counts in ``unit_report``. Rows whose words still differ from the aligner's units (a caller
@@ -834,7 +825,6 @@ class AlignmentEvaluator:
         self.decode = decode
         self.refine_seconds = refine_seconds
         self.chain = chain
-        self.relabel = relabel
         self.title: str | None = None
 
     @classmethod
@@ -856,7 +846,6 @@ class AlignmentEvaluator:
             decode=decode.align_decode,
             refine_seconds=decode.align_refine_seconds,
             chain=ChainSettings.from_decode(decode),
-            relabel=relabel_from_decode(decode),
         )
 
     def evaluate(self, model: torch.nn.Module, out_dir: Path, write: bool) -> dict[str, float]:
@@ -871,7 +860,6 @@ class AlignmentEvaluator:
                 decode=self.decode,
                 refine_seconds=self.refine_seconds,
                 chain=self.chain,
-                relabel=self.relabel,
             )
             for name, samples in self.sets.items()
         }

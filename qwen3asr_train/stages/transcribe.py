@@ -27,7 +27,6 @@ from qwen3asr_train.data.word_units import split_words
 from qwen3asr_train.eval.align_eval import ChainSettings, align
 from qwen3asr_train.eval.alignment import write_textgrid
 from qwen3asr_train.eval.decode import decode
-from qwen3asr_train.eval.durations import relabel_from_decode
 from qwen3asr_train.languages import LanguageTable
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         decode=recipe.decode.align_decode,
         refine_seconds=recipe.decode.align_refine_seconds,
         chain=ChainSettings.from_decode(recipe.decode),
-        relabel=relabel_from_decode(recipe.decode),
     )
     path = out_dir / "alignments.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
