@@ -170,7 +170,7 @@ class DecodeConfig:
     use_context: bool = True
     """Use the manifest's context in the system turn."""
     align_decode: str = "argmax"
-    """Forced aligners: slot decoding, ``argmax`` (upstream's: argmax per slot, then its monotonic repair) or
+    """Forced aligners: slot decoding, ``argmax`` (upstream's: argmax per slot, then its monotonic repair),
     ``monotonic`` (the most probable non-decreasing times under the slots' softmax) or ``centroid`` (``argmax``,
     then each slot at the probability-weighted mean of its bin and the two beside it; docs/aligner.md)."""
     align_refine_seconds: float = 0.0
