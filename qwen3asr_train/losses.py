@@ -145,6 +145,7 @@ def slot_ce(
     head: torch.nn.Module,
     sigma_bins: float = 0.0,
     hard_weight: float = 0.0,
+    centres: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`timestamp_ce` evaluated on the slot positions only (the head never sees the other positions).
 
@@ -156,14 +157,22 @@ def slot_ce(
             over neighbouring bins (:func:`gaussian_bin_targets`).
         hard_weight: 0 (default): every slot counts once. > 0: each slot's CE is weighted by
             :func:`hard_slot_weights` (mean 1 over the slots), so slots the model places far off count more.
+        centres: ``(S,)`` float bin positions of the slots in slot order (``recipe.label_subbin``): the Gaussian
+            targets are centred there instead of on the class labels. Needs ``sigma_bins`` > 0.
 
     Returns ``(summed CE, slot count, predicted classes (S,))``.
     """
     mask = labels != IGNORE_INDEX  # (B, L)
     logits = head(hidden[mask]).float()  # (S, C)
     target = labels[mask]  # (S,)
+    if centres is not None:
+        if sigma_bins <= 0:
+            raise ValueError("slot targets centred on exact times need sigma_bins > 0")
+        if centres.shape != target.shape or bool(((centres.to(target.device) - target).abs() > 0.501).any()):
+            raise ValueError("slot centres do not match the slot labels (each centre must round to its label)")
     if sigma_bins > 0:
-        per_slot = -(gaussian_bin_targets(target, logits.shape[-1], sigma_bins) * logits.log_softmax(-1)).sum(-1)
+        where = target if centres is None else centres.to(logits.device)
+        per_slot = -(gaussian_bin_targets(where, logits.shape[-1], sigma_bins) * logits.log_softmax(-1)).sum(-1)
     else:
         per_slot = F.cross_entropy(logits, target, reduction="none")  # (S,)
     if hard_weight > 0:
@@ -201,7 +210,7 @@ def gaussian_bin_targets(target: torch.Tensor, num_classes: int, sigma_bins: flo
     still ``y``, so decoding is unchanged.
 
     Args:
-        target: ``(S,)`` time-bin class of each slot.
+        target: ``(S,)`` time-bin class of each slot, or its exact position in bins (float).
         num_classes: number of bins ``C``.
         sigma_bins: standard deviation in bins (> 0).
 

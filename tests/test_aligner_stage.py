@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen3asr_train.config.base import ConfigError
 from qwen3asr_train.config.schema import ModelConfig
 from qwen3asr_train.data.aligner import AlignerCollator
 from qwen3asr_train.data.datamodule import row_checks
@@ -258,3 +259,61 @@ def test_aligner_run_export_and_plain_transformers_decoding(tone_manifest, tmp_p
         )
     )
     assert "val/dev/aas_ms" in metrics and (tmp_path / "eval" / "alignment_summary.md").exists()
+
+
+def test_subbin_targets_are_centred_on_the_exact_times(tone_manifest, tmp_path):
+    """``recipe.label_subbin``: each slot's Gaussian is centred on its word boundary's time / 80 ms, taken from
+    the manifest's words in slot order (row by row, start then end); the loss equals an explicit loop."""
+    sigma = 1.0
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={tone_manifest}",
+            "recipe.slot_prob=1.0",
+            f"recipe.label_sigma_bins={sigma}",
+            "recipe.label_subbin=true",
+            "trainer.max_steps=1",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    module, _, _, processor = aligner_stage.prepare(cfg)
+    samples = _samples(tone_manifest, cfg.data)[:3]
+    batch = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0)(samples)
+    centres = aligner_stage.slot_centres(batch["slotted_words"], NUM_CLASSES)
+    by_hand = [t / 0.08 for s in samples for w in s.utt.words for t in (w.start, w.end)]  # every word slotted
+    assert centres.tolist() == pytest.approx(by_hand, abs=1e-4)
+    assert any(abs(c - round(c)) > 0.1 for c in by_hand)  # the tones' times are not on bin centres
+    labels = batch["labels"][batch["labels"] != -100]
+    assert (centres - labels).abs().max() <= 0.5 + 1e-4
+    module.eval()  # no dropout, so the loss can be recomputed from the same hidden states
+    sums = module.forward_sums(batch)
+    with torch.no_grad():
+        hidden = module.model.model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "input_features_mask")}
+        ).last_hidden_state
+    logp = module.model.score(hidden[batch["labels"] != -100]).float().log_softmax(-1)
+    expected = 0.0
+    for row, y in enumerate(by_hand):
+        w = torch.tensor([math.exp(-((c - y) ** 2) / (2 * sigma**2)) for c in range(NUM_CLASSES)])
+        expected -= float((w / w.sum() * logp[row]).sum())
+    assert float(sums["ce_sum"]) == pytest.approx(expected, rel=1e-5)
+    # the discrete Gaussian's mean is the centre (away from the edges): the target says where inside the bin
+    q = gaussian_bin_targets(torch.tensor([20.3]), NUM_CLASSES, sigma)
+    assert float((q[0] * torch.arange(NUM_CLASSES)).sum()) == pytest.approx(20.3, abs=1e-4)
+    head = lambda h: module.model.score(h)  # noqa: E731
+    with pytest.raises(ValueError, match="need sigma_bins > 0"):
+        slot_ce(hidden, batch["labels"], head, 0.0, centres=centres)
+    with pytest.raises(ValueError, match="must round to its label"):
+        slot_ce(hidden, batch["labels"], head, sigma, centres=centres + 1.0)
+    with pytest.raises(ConfigError, match="label_subbin"):
+        make_config(
+            [
+                "recipe=aligner",
+                "model=tiny",
+                f"data.train={tone_manifest}",
+                "recipe.label_subbin=true",
+                f"run_dir={tmp_path}",
+            ]
+        )

@@ -526,6 +526,10 @@ class AlignerConfig:
     items of ``concat_max_seconds``) are always cut so, and are batched by the window's length. 0 = off."""
     label_sigma_bins: float = 0.0
     """Gaussian soft targets over neighbouring time bins, std in bins (0 = one-hot CE, the paper's loss)."""
+    label_subbin: bool = False
+    """With ``label_sigma_bins`` > 0: centre each slot's Gaussian on the boundary's exact time in bins (e.g. 41.3)
+    instead of its rounded class (41), so the model can learn where inside a bin a boundary lies and the
+    ``centroid`` slot decoding can read it back (docs/aligner.md). Off: centred on the class."""
     audio_clock_weight: float = 0.0
     """Auxiliary audio-token clock loss (training only, export unchanged): the head at every ``<|audio_pad|>``
     position predicts that token's own time class; added as weight x its mean CE per audio token, so the
@@ -583,6 +587,11 @@ class AlignerConfig:
             "must be resplit|skip|strict (error = strict)",
         )
         _require(self.label_sigma_bins >= 0, "recipe.label_sigma_bins", "must be >= 0")
+        _require(
+            not self.label_subbin or self.label_sigma_bins > 0,
+            "recipe.label_subbin",
+            "needs recipe.label_sigma_bins > 0 (one-hot targets have no centre to move)",
+        )
         _require(self.time_shift_seconds >= 0, "recipe.time_shift_seconds", "must be >= 0")
         _require(0.0 <= self.span_prob <= 1.0, "recipe.span_prob", "must be in [0, 1]")
         _require(self.span_lead_seconds >= 0, "recipe.span_lead_seconds", "must be >= 0")

@@ -74,6 +74,17 @@ FRAME_MS = 10.0
 """Mel frame hop (160 samples at 16 kHz)."""
 
 
+def slot_centres(slotted_words: list[list[tuple[str, float, float]]], num_classes: int) -> torch.Tensor:
+    """``(S,)`` every slot's exact boundary time in bins, in the order :func:`slot_ce` reads the slots (row by row;
+    in a row, each slotted word's start then its end), clipped to the classes (``recipe.label_subbin``).
+
+    Why from ``slotted_words``: the collator keeps the slotted words' times after every crop and shift, the
+    same times its class labels were rounded from, so the centres and the labels cannot disagree."""
+    per_second = 1000.0 / SEGMENT_MS
+    values = [t * per_second for row in slotted_words for _, start, end in row for t in (start, end)]
+    return torch.tensor(values, dtype=torch.float32).clamp(0.0, float(num_classes - 1))
+
+
 def audio_token_centres_ms(index: torch.Tensor) -> torch.Tensor:
     """Time (ms) of the centre of the mel frames that audio token ``index`` (0-based, within its clip) summarises.
 
@@ -352,12 +363,16 @@ class AlignerModule(training.SummedValidation, L.LightningModule):
             capture_layer_output(mid) if mid is not None else contextlib.nullcontext({}) as layer_out,
         ):
             out = training.backbone_hidden(self.model, batch)
+        centres = None
+        if self.recipe.label_subbin:
+            centres = slot_centres(batch["slotted_words"], self.model.config.num_labels)
         ce_sum, n_slots, predicted = slot_ce(
             out.last_hidden_state,
             batch["labels"],
             self._slot_head(),
             self.recipe.label_sigma_bins,
             self.recipe.slot_hard_weight if self.training else 0.0,
+            centres,
         )
         target = batch["labels"][batch["labels"] != -100]
         sums = {
