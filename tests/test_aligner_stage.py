@@ -40,6 +40,25 @@ def _samples(manifest: Path, cfg_data):
     return [data.load(i) for i in range(len(data))]
 
 
+def _module_and_batch(manifest: Path, run_dir: Path, *overrides: str):
+    """The aligner module of a one-step run with ``overrides`` and a batch of 3 tone clips, every word slotted."""
+    cfg = make_config(
+        [
+            "recipe=aligner",
+            "model=tiny",
+            f"model.num_labels={NUM_CLASSES}",
+            f"data.train={manifest}",
+            "recipe.slot_prob=1.0",
+            "trainer.max_steps=1",
+            f"run_dir={run_dir}",
+            *overrides,
+        ]
+    )
+    module, _, _, processor = aligner_stage.prepare(cfg)
+    samples = _samples(manifest, cfg.data)[:3]
+    return module, processor, samples, AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0)(samples)
+
+
 def test_slot_loss_equals_full_logits_timestamp_loss(tone_manifest, tmp_path):
     cfg = make_config(
         [
@@ -127,21 +146,7 @@ def test_hard_slot_weights_follow_the_expected_bin_distance_by_hand():
 def test_aligner_ctc_targets_are_the_word_tokens(tone_manifest, tmp_path):
     """The auxiliary CTC uses each row's word tokens (tokenised word by word, as the slots split them),
     scored on the projected audio through the transposed input embeddings; off in eval mode."""
-    cfg = make_config(
-        [
-            "recipe=aligner",
-            "model=tiny",
-            f"model.num_labels={NUM_CLASSES}",
-            f"data.train={tone_manifest}",
-            "recipe.ctc_weight=0.5",
-            "recipe.slot_prob=1.0",
-            "trainer.max_steps=1",
-            f"run_dir={tmp_path}",
-        ]
-    )
-    module, _, _, processor = aligner_stage.prepare(cfg)
-    samples = _samples(tone_manifest, cfg.data)[:3]
-    batch = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0)(samples)
+    module, processor, samples, batch = _module_and_batch(tone_manifest, tmp_path, "recipe.ctc_weight=0.5")
     module.train()
     sums = module.forward_sums(batch)
     tok = processor.tokenizer
@@ -265,22 +270,9 @@ def test_subbin_targets_are_centred_on_the_exact_times(tone_manifest, tmp_path):
     """``recipe.label_subbin``: each slot's Gaussian is centred on its word boundary's time / 80 ms, taken from
     the manifest's words in slot order (row by row, start then end); the loss equals an explicit loop."""
     sigma = 1.0
-    cfg = make_config(
-        [
-            "recipe=aligner",
-            "model=tiny",
-            f"model.num_labels={NUM_CLASSES}",
-            f"data.train={tone_manifest}",
-            "recipe.slot_prob=1.0",
-            f"recipe.label_sigma_bins={sigma}",
-            "recipe.label_subbin=true",
-            "trainer.max_steps=1",
-            f"run_dir={tmp_path}",
-        ]
+    module, _, samples, batch = _module_and_batch(
+        tone_manifest, tmp_path, f"recipe.label_sigma_bins={sigma}", "recipe.label_subbin=true"
     )
-    module, _, _, processor = aligner_stage.prepare(cfg)
-    samples = _samples(tone_manifest, cfg.data)[:3]
-    batch = AlignerCollator(processor, NUM_CLASSES, 1.0, seed=0)(samples)
     centres = aligner_stage.slot_centres(batch["slotted_words"], NUM_CLASSES)
     by_hand = [t / 0.08 for s in samples for w in s.utt.words for t in (w.start, w.end)]  # every word slotted
     assert centres.tolist() == pytest.approx(by_hand, abs=1e-4)
