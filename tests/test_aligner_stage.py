@@ -294,7 +294,7 @@ def test_subbin_targets_are_centred_on_the_exact_times(tone_manifest, tmp_path):
     # the discrete Gaussian's mean is the centre (away from the edges): the target says where inside the bin
     q = gaussian_bin_targets(torch.tensor([20.3]), NUM_CLASSES, sigma)
     assert float((q[0] * torch.arange(NUM_CLASSES)).sum()) == pytest.approx(20.3, abs=1e-4)
-    head = lambda h: module.model.score(h)  # noqa: E731
+    head = module.model.score
     with pytest.raises(ValueError, match="need sigma_bins > 0"):
         slot_ce(hidden, batch["labels"], head, 0.0, centres=centres)
     with pytest.raises(ValueError, match="must round to its label"):

@@ -149,6 +149,10 @@ class ExportConfig:
         _require(self.dtype in {"float32", "bfloat16"}, "recipe.dtype", "must be float32|bfloat16")
 
 
+ALIGN_DECODE_METHODS: tuple[str, ...] = ("argmax", "monotonic", "centroid")
+"""Forced-aligner slot decoders (``decode.align_decode``; ``eval/alignment.py: decode_slots``)."""
+
+
 @dataclass
 class DecodeConfig:
     """Decoding for evaluation (see ``eval/decode.py``)."""
@@ -207,9 +211,9 @@ class DecodeConfig:
     def validate(self) -> None:
         _require(self.num_beams >= 1, "decode.num_beams", "must be >= 1")
         _require(
-            self.align_decode in {"argmax", "monotonic", "centroid"},
+            self.align_decode in ALIGN_DECODE_METHODS,
             "decode.align_decode",
-            "must be argmax|monotonic|centroid",
+            f"must be {'|'.join(ALIGN_DECODE_METHODS)}",
         )
         _require(self.align_refine_seconds >= 0, "decode.align_refine_seconds", "must be >= 0")
         _require(self.align_chain_seconds >= 0, "decode.align_chain_seconds", "must be >= 0")

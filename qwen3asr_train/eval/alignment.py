@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers.models.qwen3_asr.processing_qwen3_asr import _fix_timestamps
 
+from qwen3asr_train.config.recipes import ALIGN_DECODE_METHODS
 from qwen3asr_train.data.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ TIME_BIN_LABELS: tuple[str, ...] = tuple(
 )
 
 
-DECODE_METHODS: tuple[str, ...] = ("argmax", "monotonic", "centroid")
+DECODE_METHODS: tuple[str, ...] = ALIGN_DECODE_METHODS
 """Slot decoders: ``argmax`` is upstream's (argmax class per slot, then its monotonic repair); ``monotonic``
 is the most probable non-decreasing class sequence under the slots' softmax (:func:`monotonic_classes`);
 ``centroid`` is ``argmax`` with each slot moved to the probability-weighted mean of its argmax bin and the two
