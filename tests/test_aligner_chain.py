@@ -249,6 +249,14 @@ def test_decode_config_validates_the_chain():
     with pytest.raises(ValueError, match="chain accept"):
         ChainSettings(3.0, accept=0.3, accept_spread=0.3).check()
     DecodeConfig(align_chain_accept=0.3, align_chain_accept_spread=0.3, align_chain_votes=1).validate()  # one chain
+    ChainSettings(3.0, accept=0.3, accept_spread=0.3, votes=1).check()
+    # 0.5 - 0.5 reaches 0, 0.9 + 0.125 passes 1, and a negative spread is refused
+    for accept, spread in ((0.5, 0.5), (0.375, -0.125), (0.9, 0.125)):
+        with pytest.raises(ConfigError, match="align_chain_accept_spread"):
+            DecodeConfig(align_chain_accept=accept, align_chain_accept_spread=spread).validate()
+        with pytest.raises(ValueError, match="chain accept"):
+            ChainSettings(3.0, accept=accept, accept_spread=spread).check()
+    ChainSettings(3.0, accept=0.5, accept_spread=0.4).check()  # 0.1 ... 0.9
     with pytest.raises(ConfigError, match="align_chain_seconds"):
         DecodeConfig(align_chain_seconds=6.0, align_refine_seconds=6.0).validate()
 

@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 
+from qwen3asr_train.averaging import WeightEMA
 from qwen3asr_train.checkpoints import find_checkpoint
 from qwen3asr_train.stages import export as export_stage
 from qwen3asr_train.stages import sft
@@ -336,6 +337,31 @@ def test_single_nonfinite_step_is_skipped_and_reported(manifest_dir, tmp_path, c
     assert len(reports) == 1 and "optimizer step 2" in reports[0]
     assert all(i in reports[0] for i in poison.ids[2])
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 6  # training went on to the end
+
+
+def test_skipped_nonfinite_step_leaves_the_weight_average_finite_and_exact(manifest_dir, tmp_path):
+    """The weight average (``trainer.ema_decay``) with a skipped step: the skip keeps the weights, so the
+    average moves towards finite weights, and it equals the recursion worked out from the weights recorded
+    after every optimizer step (an independent computation: no code of the average is used)."""
+    decay, start = 0.5, 1
+    poison = PoisonLoss({2})
+    overrides = (*COMMON, f"trainer.ema_decay={decay}", f"trainer.ema_start_step={start}")
+    cfg = make_config(tiny_sft_overrides(manifest_dir, tmp_path / "run", *overrides))
+    module, datamodule, trainer, _ = sft.prepare(cfg, [poison])
+    fit(trainer, module, datamodule=datamodule)
+    assert_same_weights(poison.weights_after[2], poison.weights_after[3])  # the skipped update
+    (ema,) = [c for c in trainer.callbacks if isinstance(c, WeightEMA)]
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert set(ema.average) == set(names)
+    expected: dict[str, torch.Tensor] = {}
+    assert sorted(poison.weights_after) == list(range(7))  # 0: the first micro-batch, before any step
+    for step in range(1, 7):  # the weights after each optimizer step
+        for name in names:
+            w = poison.weights_after[step][name].float()
+            expected[name] = w if step <= start else decay * expected[name] + (1 - decay) * w
+    for name in names:
+        assert torch.isfinite(ema.average[name]).all(), name
+        torch.testing.assert_close(ema.average[name], expected[name], rtol=1e-6, atol=1e-7)
 
 
 def test_divergence_stops_naming_step_and_utterances_and_keeps_finite_checkpoints(manifest_dir, tmp_path):

@@ -153,6 +153,12 @@ ALIGN_DECODE_METHODS: tuple[str, ...] = ("argmax", "monotonic", "centroid")
 """Forced-aligner slot decoders (``decode.align_decode``; ``eval/alignment.py: decode_slots``)."""
 
 
+def chain_vote_shares_valid(accept: float, spread: float, votes: int) -> bool:
+    """Whether chained-window votes' accept shares ``accept +- spread`` stay in (0, 1] with ``spread >= 0``
+    (one chain uses ``accept`` alone). One rule for the config check and ``ChainSettings.check``."""
+    return votes == 1 or (spread >= 0 and 0 < accept - spread and accept + spread <= 1)
+
+
 @dataclass
 class DecodeConfig:
     """Decoding for evaluation (see ``eval/decode.py``)."""
@@ -226,12 +232,7 @@ class DecodeConfig:
             self.align_chain_vote_tolerance_seconds >= 0, "decode.align_chain_vote_tolerance_seconds", "must be >= 0"
         )
         _require(
-            self.align_chain_votes == 1
-            or (
-                0 < self.align_chain_accept - self.align_chain_accept_spread
-                and self.align_chain_accept_spread >= 0
-                and self.align_chain_accept + self.align_chain_accept_spread <= 1
-            ),
+            chain_vote_shares_valid(self.align_chain_accept, self.align_chain_accept_spread, self.align_chain_votes),
             "decode.align_chain_accept_spread",
             "with votes > 1, align_chain_accept +- align_chain_accept_spread must stay in (0, 1]",
         )

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3ASRProcessor
 
-from qwen3asr_train.config.recipes import DecodeConfig
+from qwen3asr_train.config.recipes import DecodeConfig, chain_vote_shares_valid
 from qwen3asr_train.data.aligner import AlignerCollator, UnitPolicyReport, max_addressable_seconds, usable_samples
 from qwen3asr_train.data.audio import SAMPLE_RATE
 from qwen3asr_train.data.dataset import Sample
@@ -223,7 +223,7 @@ class ChainSettings:
             raise ValueError(f"chain back {self.back_s:g} s and overlap {self.overlap} must be >= 0")
         if self.votes < 1 or self.vote_tolerance_s < 0:
             raise ValueError(f"chain votes {self.votes} must be >= 1 and tolerance {self.vote_tolerance_s:g} s >= 0")
-        if self.votes > 1 and not 0 < self.accept - self.accept_spread <= self.accept + self.accept_spread <= 1:
+        if not chain_vote_shares_valid(self.accept, self.accept_spread, self.votes):
             raise ValueError(
                 f"chain accept {self.accept:g} +- {self.accept_spread:g} must stay in (0, 1] (and the spread >= 0)"
             )
