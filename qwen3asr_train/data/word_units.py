@@ -37,9 +37,12 @@ import functools
 import importlib.util
 import unicodedata
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from qwen3asr_train.languages import LANGUAGE_CODE_TO_NAME
+
+if TYPE_CHECKING:  # soynlp is optional: imported where Korean is first split
+    from soynlp.tokenizer import LTokenizer
 
 Convention = Literal["transformers", "qwen_asr"]
 
@@ -180,7 +183,7 @@ def _nagisa_words(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _korean_tokenizer(convention: Convention, korean_dict: str | Path | None):  # -> soynlp LTokenizer
+def _korean_tokenizer(convention: Convention, korean_dict: str | Path | None) -> LTokenizer:
     try:
         from soynlp.tokenizer import LTokenizer
     except ImportError as err:

@@ -243,7 +243,12 @@ def mfa_corpus_to_manifest(
 
 
 def _corpus_row(
-    transcript_path: Path, corpus_dir: Path, alignments_dir: Path, language: str | None, stats: Counter[str], **kwargs
+    transcript_path: Path,
+    corpus_dir: Path,
+    alignments_dir: Path,
+    language: str | None,
+    stats: Counter[str],
+    **kwargs: str,
 ) -> dict | None:
     """One corpus utterance -> row, or None after logging and counting why it was skipped."""
     rel = transcript_path.relative_to(corpus_dir).with_suffix("")
