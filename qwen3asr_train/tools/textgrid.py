@@ -225,13 +225,21 @@ def mfa_corpus_to_manifest(
     if not alignments_dir.is_dir():
         raise FileNotFoundError(f"alignments directory {alignments_dir} does not exist")
     stats: Counter[str] = Counter(written=0)
-    kwargs = {"words_tier": words_tier, "phones_tier": phones_tier, "unk_policy": unk_policy}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             for transcript_path in _transcripts(corpus_dir):
-                row = _corpus_row(transcript_path, corpus_dir, alignments_dir, language, stats, **kwargs)
+                row = _corpus_row(
+                    transcript_path,
+                    corpus_dir,
+                    alignments_dir,
+                    language,
+                    stats,
+                    words_tier=words_tier,
+                    phones_tier=phones_tier,
+                    unk_policy=unk_policy,
+                )
                 if row is not None:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     stats["written"] += 1
@@ -248,7 +256,10 @@ def _corpus_row(
     alignments_dir: Path,
     language: str | None,
     stats: Counter[str],
-    **kwargs: str,
+    *,
+    words_tier: str,
+    phones_tier: str,
+    unk_policy: UnkPolicy,
 ) -> dict | None:
     """One corpus utterance -> row, or None after logging and counting why it was skipped."""
     rel = transcript_path.relative_to(corpus_dir).with_suffix("")
@@ -265,7 +276,15 @@ def _corpus_row(
     transcript = transcript_path.read_text(encoding="utf-8").strip()
     try:
         return textgrid_to_rows(
-            textgrid, transcript, language, audio.resolve(), utt_id=rel.as_posix(), stats=stats, **kwargs
+            textgrid,
+            transcript,
+            language,
+            audio.resolve(),
+            words_tier=words_tier,
+            phones_tier=phones_tier,
+            unk_policy=unk_policy,
+            utt_id=rel.as_posix(),
+            stats=stats,
         )
     except TextGridError as err:
         if err.reason == "unk":  # unk_policy="error": the caller asked to stop
